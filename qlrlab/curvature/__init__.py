@@ -1,0 +1,20 @@
+"""Curvature oracles: :math:`d^\\top C d` and :math:`Cv` for the current mini-batch.
+
+:math:`C` is the curvature of the *mean* mini-batch loss as the loss module computes it (see
+:mod:`qlrlab.losses` for the scaling conventions). Every oracle has a ``backend``: ``"own"`` (the
+library's fast path: forward-mode JVPs with closed-form output Hessians, double backward for the
+Hessian) or ``"curvlinops"`` (the reference implementation, rebuilt every step). Both agree to
+round-off (``tests/test_curvature.py``).
+"""
+
+from qlrlab.curvature.ggn import BoundGGN, GGNOracle, GGNSpec
+from qlrlab.curvature.hessian import BoundHessian, HessianOracle, HessianSpec
+
+__all__ = [
+    "BoundGGN",
+    "BoundHessian",
+    "GGNOracle",
+    "GGNSpec",
+    "HessianOracle",
+    "HessianSpec",
+]

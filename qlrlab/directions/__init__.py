@@ -1,0 +1,11 @@
+"""Direction providers: turn the gradient into an update direction :math:`d`.
+
+The step is :math:`\\theta \\leftarrow \\theta - \\alpha d`. Add a new provider by subclassing
+:class:`qlrlab.interfaces.DirectionProvider` and registering a spec in
+:data:`qlrlab.registry.DIRECTIONS`.
+"""
+
+from qlrlab.directions.adam import AdamDirection, AdamSpec
+from qlrlab.directions.sgd import SGDDirection, SGDSpec
+
+__all__ = ["AdamDirection", "AdamSpec", "SGDDirection", "SGDSpec"]

@@ -1,0 +1,104 @@
+"""Adam's preconditioned direction (Kingma & Ba, 2015).
+
+.. math::
+    m_t = \\beta_1 m_{t-1} + (1-\\beta_1) g_t,\\quad
+    v_t = \\beta_2 v_{t-1} + (1-\\beta_2) g_t^2,\\quad
+    d_t = \\frac{m_t/(1-\\beta_1^t)}{\\sqrt{v_t/(1-\\beta_2^t)} + \\epsilon} + w\\,\\theta_t
+
+With the ``fixed`` step size :math:`\\alpha` this is exactly ``torch.optim.Adam`` (``w = 0``) or
+``torch.optim.AdamW`` (decoupled weight decay :math:`w`, applied as :math:`\\alpha w \\theta`).
+AdamQLR keeps this direction and chooses :math:`\\alpha` from a quadratic model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from qlrlab.interfaces import DirectionProvider, StepContext
+from qlrlab.registry import DIRECTIONS, ComponentSpec
+
+__all__ = ["AdamDirection", "AdamSpec"]
+
+
+@DIRECTIONS.register("adam")
+class AdamSpec(ComponentSpec):
+    """Spec of the Adam direction.
+
+    Attributes:
+        beta1: first-moment decay, in [0, 1).
+        beta2: second-moment decay, in [0, 1).
+        eps: denominator offset :math:`\\epsilon \\ge 0` (Adam's own "damping").
+        weight_decay: decoupled (AdamW-style) weight decay :math:`w \\ge 0`, added to :math:`d`.
+        bias_correction: divide the moments by :math:`1-\\beta^t`.
+    """
+
+    name: Literal["adam"] = "adam"
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    bias_correction: bool = True
+
+    def build(self) -> AdamDirection:
+        """Build the direction provider."""
+        return AdamDirection(self)
+
+
+class AdamDirection(DirectionProvider):
+    """Adam direction provider; state: ``step``, ``exp_avg``, ``exp_avg_sq``."""
+
+    spec: AdamSpec
+
+    def __init__(self, spec: AdamSpec | None = None) -> None:
+        super().__init__(spec or AdamSpec())
+        self.step = 0
+        self.exp_avg: list[Tensor] = []
+        self.exp_avg_sq: list[Tensor] = []
+
+    def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
+        """Allocate zero moments shaped like ``params``."""
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.step = 0
+
+    @torch.no_grad()
+    def compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
+        """Update the moments with ``grads`` and return :math:`d`."""
+        s = self.spec
+        self.step += 1
+        m, v = self.exp_avg, self.exp_avg_sq
+        torch._foreach_lerp_(m, grads, 1.0 - s.beta1)
+        torch._foreach_mul_(v, s.beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1.0 - s.beta2)
+        if s.bias_correction:
+            bc1 = 1.0 - s.beta1**self.step
+            bc2_sqrt = math.sqrt(1.0 - s.beta2**self.step)
+        else:
+            bc1, bc2_sqrt = 1.0, 1.0
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, s.eps)
+        d = torch._foreach_div(m, denom)
+        torch._foreach_div_(d, bc1)
+        if s.weight_decay:
+            torch._foreach_add_(d, ctx.problem.params, alpha=s.weight_decay)
+        return list(d)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``step`` and the two moment lists."""
+        return {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy the saved moments into the existing buffers."""
+        self.step = int(state["step"])
+        with torch.no_grad():
+            for dst, src in zip(self.exp_avg, state["exp_avg"]):
+                dst.copy_(src)
+            for dst, src in zip(self.exp_avg_sq, state["exp_avg_sq"]):
+                dst.copy_(src)

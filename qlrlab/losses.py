@@ -1,0 +1,153 @@
+r"""Loss modules and their closed-form output-space Hessians.
+
+Curvature convention: :math:`C` is the curvature of the loss *exactly as the module computes it*
+(mean reduction by default). For a network output :math:`z = f_\theta(x)` the GGN is
+:math:`G = J^\top H_z J` with :math:`H_z = \nabla_z^2 \ell`. This module holds the dispatch table
+:data:`OUTPUT_HESSIANS` from loss-module types to closed-form products :math:`H_z u`
+(BackPACK style: extend it for your own losses). A loss without an entry, or with settings the
+closed form does not cover (class weights, ``pos_weight``...), falls back to
+:func:`generic_output_hvp` (double backward through the loss), which is exact but slower.
+
+=========================  =====================================================================
+loss (reduction ``mean``)  :math:`H_z u` per element; divided by the normaliser :math:`n`
+=========================  =====================================================================
+``CrossEntropyLoss``       :math:`p \odot u - p (p^\top u)`, :math:`n` = number of non-ignored targets
+``MSELoss``                :math:`2u`, :math:`n` = number of elements
+``HalfMSELoss``            :math:`u`, :math:`n` = number of elements (the paper's ½·MSE)
+``BCEWithLogitsLoss``      :math:`\sigma(1-\sigma) u`, :math:`n` = number of elements
+=========================  =====================================================================
+
+For ``reduction="sum"`` the normaliser is 1. For cross-entropy the GGN equals the Fisher; for ½·MSE
+it equals the Fisher of a unit-variance Gaussian likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "OUTPUT_HESSIANS",
+    "HalfMSELoss",
+    "generic_output_hvp",
+    "output_hvp",
+    "register_output_hessian",
+]
+
+
+class HalfMSELoss(nn.Module):
+    r"""Half mean squared error, :math:`\frac{1}{2 n}\sum_i (\hat y_i - y_i)^2` over all elements.
+
+    This is ``optax.l2_loss`` averaged, as used by the AdamQLR paper for the UCI regression tasks
+    (Clarke & Hernández-Lobato, 2024). Its output Hessian is :math:`I/n` (``nn.MSELoss``: :math:`2I/n`).
+
+    Args:
+        reduction: ``"mean"`` (default) or ``"sum"``.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"HalfMSELoss reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """Return the reduced ½·squared error."""
+        return 0.5 * F.mse_loss(input, target, reduction=self.reduction)
+
+
+OutputHVP = Callable[[nn.Module, Tensor, Tensor, Tensor], "Tensor | None"]
+
+#: Dispatch table ``loss type -> fn(loss_fn, z, y, u) -> H_z u`` (or ``None`` = use the generic path).
+OUTPUT_HESSIANS: dict[type[nn.Module], OutputHVP] = {}
+
+
+def register_output_hessian(loss_type: type[nn.Module]) -> Callable[[OutputHVP], OutputHVP]:
+    """Decorator adding a closed-form output-Hessian product for ``loss_type``."""
+
+    def deco(fn: OutputHVP) -> OutputHVP:
+        OUTPUT_HESSIANS[loss_type] = fn
+        return fn
+
+    return deco
+
+
+def _normaliser(reduction: str, n: int | Tensor) -> float | Tensor | None:
+    if reduction == "mean":
+        return n
+    if reduction == "sum":
+        return 1.0
+    return None  # "none": not a scalar loss
+
+
+@register_output_hessian(nn.CrossEntropyLoss)
+def _ce_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | None:
+    assert isinstance(loss_fn, nn.CrossEntropyLoss)
+    if loss_fn.weight is not None:
+        return None
+    class_dim = 1 if z.ndim > 1 else 0
+    p = torch.softmax(z, dim=class_dim)
+    pu = p * u
+    hu = pu - p * pu.sum(dim=class_dim, keepdim=True)
+    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        mask = y != loss_fn.ignore_index
+        count = mask.sum()
+        hu = hu * mask.unsqueeze(class_dim).to(hu.dtype)
+    else:  # class probabilities
+        count = z.numel() // z.shape[class_dim]
+    norm = _normaliser(loss_fn.reduction, count)
+    if norm is None:
+        return None
+    return hu / norm
+
+
+@register_output_hessian(nn.MSELoss)
+def _mse_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | None:
+    norm = _normaliser(loss_fn.reduction, z.numel())  # type: ignore[arg-type]
+    return None if norm is None else 2.0 * u / norm
+
+
+@register_output_hessian(HalfMSELoss)
+def _half_mse_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | None:
+    norm = _normaliser(loss_fn.reduction, z.numel())  # type: ignore[arg-type]
+    return None if norm is None else u / norm
+
+
+@register_output_hessian(nn.BCEWithLogitsLoss)
+def _bce_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | None:
+    assert isinstance(loss_fn, nn.BCEWithLogitsLoss)
+    if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+        return None
+    s = torch.sigmoid(z)
+    norm = _normaliser(loss_fn.reduction, z.numel())  # type: ignore[arg-type]
+    return None if norm is None else s * (1 - s) * u / norm
+
+
+def generic_output_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    """:math:`H_z u` for any scalar loss, by double backward through ``loss_fn``."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        (gz,) = torch.autograd.grad(loss_fn(zz, y), zz, create_graph=True)
+        (hu,) = torch.autograd.grad(gz, zz, u, allow_unused=True)
+    return torch.zeros_like(z) if hu is None else hu.detach()
+
+
+def closed_form_output_hvp(loss_fn: nn.Module) -> OutputHVP | None:
+    """The closed-form entry for ``type(loss_fn)`` (walking its MRO), or ``None``."""
+    for cls in type(loss_fn).__mro__:
+        if cls in OUTPUT_HESSIANS:
+            return OUTPUT_HESSIANS[cls]
+    return None
+
+
+def output_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    """:math:`H_z u`, closed form where available, otherwise :func:`generic_output_hvp`."""
+    fn = closed_form_output_hvp(loss_fn)
+    if fn is not None:
+        out = fn(loss_fn, z, y, u)
+        if out is not None:
+            return out
+    return generic_output_hvp(loss_fn, z, y, u)

@@ -1,0 +1,156 @@
+"""Explicit, user-extensible dispatch tables for the four component families.
+
+Every component is described by a *spec*: a small pydantic model with a ``name`` field and the
+component's hyperparameters, which knows how to ``build()`` the component. Specs are registered by
+name in one :class:`Registry` per family, so a YAML/JSON document such as
+``{"name": "adam", "beta1": 0.9}`` is dispatched to the right spec class. Users add their own
+heuristics by registering a spec class from their own package::
+
+    from qlrlab.registry import STEP_SIZES, ComponentSpec
+
+    @STEP_SIZES.register("halved_fixed")
+    class HalvedFixedSpec(ComponentSpec):
+        name: Literal["halved_fixed"] = "halved_fixed"
+        lr: float = 0.1
+
+        def build(self) -> StepSizeRule:
+            return HalvedFixed(self)
+
+An unknown name is rejected with a message listing the registered names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "CURVATURES",
+    "DAMPINGS",
+    "DIRECTIONS",
+    "STEP_SIZES",
+    "ComponentSpec",
+    "Registry",
+]
+
+
+class ComponentSpec(BaseModel):
+    """Base class of every component spec.
+
+    Subclasses declare ``name: Literal["..."]`` plus their hyperparameters, and implement
+    :meth:`build`. Unknown keys are rejected (``extra="forbid"``) at every level.
+
+    Class attributes let the composed optimiser check compatibility at construction time
+    (kfac-jax style):
+
+    Attributes:
+        requires_curvature: the component cannot work without a curvature oracle.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    requires_curvature: ClassVar[bool] = False
+
+    name: str
+
+    def build(self) -> Any:
+        """Construct the component described by this spec."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement build()")
+
+
+S = TypeVar("S", bound=ComponentSpec)
+
+
+class Registry(Generic[S]):
+    """A named table of component specs for one family (directions, curvature, ...).
+
+    Args:
+        family: the family's name as it appears in an ``OptimizerSpec`` (``"direction"``...).
+    """
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._table: dict[str, type[S]] = {}
+
+    def register(self, name: str, *, overwrite: bool = False) -> Callable[[type[S]], type[S]]:
+        """Class decorator registering a spec class under ``name``.
+
+        Args:
+            name: the value of the spec's ``name`` field.
+            overwrite: allow replacing an existing entry (otherwise a ``ValueError``).
+        """
+
+        def deco(cls: type[S]) -> type[S]:
+            if not (isinstance(cls, type) and issubclass(cls, ComponentSpec)):
+                raise TypeError(f"{cls!r} must subclass qlrlab.registry.ComponentSpec")
+            if name in self._table and not overwrite and self._table[name] is not cls:
+                raise ValueError(
+                    f"a {self.family} named {name!r} is already registered "
+                    f"({self._table[name].__qualname__}); pass overwrite=True to replace it"
+                )
+            self._table[name] = cls
+            return cls
+
+        return deco
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` from the table (mostly for tests)."""
+        self._table.pop(name, None)
+
+    def get(self, name: str) -> type[S]:
+        """Return the spec class registered as ``name``.
+
+        Raises:
+            KeyError: with the list of registered names.
+        """
+        try:
+            return self._table[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown {self.family} {name!r}; registered: {', '.join(sorted(self._table))}"
+            ) from None
+
+    def names(self) -> list[str]:
+        """Sorted registered names."""
+        return sorted(self._table)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def validate(self, value: Any) -> S:
+        """Turn a mapping (or a name, or a spec instance) into the registered spec instance.
+
+        Used as a pydantic ``BeforeValidator``; raises ``ValueError`` for unknown names so that
+        pydantic reports the offending field.
+        """
+        if isinstance(value, ComponentSpec):
+            if value.name not in self._table:
+                raise ValueError(
+                    f"unknown {self.family} {value.name!r}; registered: {', '.join(self.names())}"
+                )
+            return value  # type: ignore[return-value]
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"a {self.family} must be a mapping with a 'name' key, got {value!r}")
+        if "name" not in value:
+            raise ValueError(
+                f"a {self.family} needs a 'name' key; registered: {', '.join(self.names())}"
+            )
+        name = value["name"]
+        if name not in self._table:
+            raise ValueError(
+                f"unknown {self.family} {name!r}; registered: {', '.join(self.names())}"
+            )
+        return self._table[name].model_validate(value)
+
+
+DIRECTIONS: Registry[ComponentSpec] = Registry("direction")
+CURVATURES: Registry[ComponentSpec] = Registry("curvature")
+STEP_SIZES: Registry[ComponentSpec] = Registry("step_size")
+DAMPINGS: Registry[ComponentSpec] = Registry("damping")
