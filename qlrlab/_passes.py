@@ -5,7 +5,7 @@ them exactly as in the gradient pass (switching to ``eval()`` would silently cha
 :math:`d^\\top G d` and :math:`\\rho`). They must not change BatchNorm running statistics or any
 other buffer. :func:`side_effect_free` guarantees both: train-mode BatchNorm layers temporarily
 stop tracking running statistics (so they normalise with batch statistics and write nothing),
-and every other floating-point buffer is restored afterwards.
+and every other buffer written in place is restored afterwards.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def side_effect_free(model: nn.Module) -> Iterator[nn.Module]:
             for b in m.buffers(recurse=False):
                 bn_buffers.add(id(b))
             m.track_running_stats = False
-    saved: list[tuple[Tensor, Tensor]] = [
-        (b, b.detach().clone()) for b in model.buffers() if id(b) not in bn_buffers
+    saved: list[tuple[Tensor, int, Tensor]] = [
+        (b, b._version, b.detach().clone()) for b in model.buffers() if id(b) not in bn_buffers
     ]
     try:
         yield model
@@ -39,8 +39,9 @@ def side_effect_free(model: nn.Module) -> Iterator[nn.Module]:
         for m in bn_changed:
             m.track_running_stats = True
         with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+            for b, version, copy in saved:
+                if b._version != version:  # written in place: restore (untouched ones stay as
+                    b.copy_(copy)  # they are, so autograd graphs that saved them stay valid)
 
 
 def functional_forward(

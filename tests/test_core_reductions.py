@@ -1,0 +1,130 @@
+"""Composed optimisers reduce to known optimisers (issue 2)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qlrlab
+
+
+def _problem(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module, list]:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+    loss_fn = nn.CrossEntropyLoss()
+    batches = [
+        (torch.randn(20, 6, dtype=dtype), torch.randint(0, 4, (20,))) for _ in range(40)
+    ]
+    return model, loss_fn, batches
+
+
+def _run_torch(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, batches: list,
+               sched: object | None = None) -> list[float]:
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _run_ours(model: nn.Module, loss_fn: nn.Module, spec: dict, batches: list,
+              sched_fn: object | None = None) -> list[float]:
+    opt = qlrlab.build_optimizer(spec, model, loss_fn)
+    sched = sched_fn(opt) if sched_fn is not None else None
+    losses = []
+    for b in batches:
+        info = opt.step(b)
+        assert info.status == "ok"
+        if sched is not None:
+            sched.step()
+        losses.append(info.loss)
+    return losses
+
+
+def _assert_same(m1: nn.Module, m2: nn.Module, l1: list[float], l2: list[float], tol: float) -> None:
+    assert l1 == pytest.approx(l2, rel=tol, abs=tol)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_adam_fixed_equals_torch_adam(weight_decay: float, dtype: torch.dtype, tol: float) -> None:
+    model, loss_fn, batches = _problem(dtype)
+    ref = copy.deepcopy(model)
+    kw = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": weight_decay}
+    torch_opt = torch.optim.AdamW(ref.parameters(), **kw) if weight_decay else torch.optim.Adam(
+        ref.parameters(), **kw
+    )
+    l_ref = _run_torch(ref, loss_fn, torch_opt, batches)
+    spec = {
+        "direction": {"name": "adam", "beta1": 0.8, "beta2": 0.99, "eps": 1e-7,
+                      "weight_decay": weight_decay},
+        "step_size": {"name": "fixed", "lr": 3e-3},
+    }
+    l_ours = _run_ours(model, loss_fn, spec, batches)
+    _assert_same(model, ref, l_ours, l_ref, tol)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"momentum": 0.0},
+        {"momentum": 0.9},
+        {"momentum": 0.9, "nesterov": True},
+        {"momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-2},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+    ],
+)
+def test_sgd_fixed_equals_torch_sgd(kw: dict) -> None:
+    model, loss_fn, batches = _problem()
+    ref = copy.deepcopy(model)
+    l_ref = _run_torch(ref, loss_fn, torch.optim.SGD(ref.parameters(), lr=0.05, **kw), batches)
+    l_ours = _run_ours(
+        model, loss_fn, {"direction": {"name": "sgd", **kw}, "step_size": {"name": "fixed", "lr": 0.05}},
+        batches,
+    )
+    _assert_same(model, ref, l_ours, l_ref, 1e-12)
+
+
+def test_fixed_step_follows_lr_scheduler() -> None:
+    model, loss_fn, batches = _problem()
+    ref = copy.deepcopy(model)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    l_ref = _run_torch(ref, loss_fn, opt_ref, batches,
+                       torch.optim.lr_scheduler.StepLR(opt_ref, step_size=5, gamma=0.5))
+    l_ours = _run_ours(
+        model, loss_fn, {"direction": {"name": "adam"}, "step_size": {"name": "fixed", "lr": 1e-2}},
+        batches, lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
+    )
+    _assert_same(model, ref, l_ours, l_ref, 1e-12)
+
+
+def test_param_groups_with_different_lr_match_torch() -> None:
+    model, loss_fn, batches = _problem()
+    ref = copy.deepcopy(model)
+    groups_ref = [{"params": ref[0].parameters(), "lr": 1e-2}, {"params": ref[2].parameters()}]
+    l_ref = _run_torch(ref, loss_fn, torch.optim.SGD(groups_ref, lr=1e-1, momentum=0.9), batches)
+    spec = qlrlab.OptimizerSpec.model_validate(
+        {"direction": {"name": "sgd", "momentum": 0.9}, "step_size": {"name": "fixed", "lr": 1e-1}}
+    )
+    groups = [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters()}]
+    opt = qlrlab.build_optimizer(spec, model, loss_fn, groups)
+    l_ours = [opt.step(b).loss for b in batches]
+    _assert_same(model, ref, l_ours, l_ref, 1e-12)
+
+
+def test_adam_preset_is_torch_adam_default() -> None:
+    model, loss_fn, batches = _problem()
+    ref = copy.deepcopy(model)
+    l_ref = _run_torch(ref, loss_fn, torch.optim.Adam(ref.parameters()), batches)
+    l_ours = _run_ours(model, loss_fn, qlrlab.presets.adam(), batches)
+    _assert_same(model, ref, l_ours, l_ref, 1e-12)
