@@ -27,17 +27,24 @@ class TaskSpec(ComponentSpec):
     """Base spec of every task.
 
     Attributes:
-        data_dir: where the data files live (default: ``$QLRLAB_DATA`` or ``~/.cache/qlrlab``).
+        data_dir: where the data files live (default: ``$QLRLAB_DATA``, else
+            :func:`qlrlab.data.set_default_data_dir`, else ``~/.cache/qlrlab/data``).
         init: ``"paper"`` (truncated normal σ = 1/√fan_in, zero biases, as the paper's Haiku
             models) or ``"torch"`` (PyTorch's default initialisation).
         subset: use only the first ``subset`` training examples (tests, smoke runs).
         download: fetch missing files from the official URLs.
+        eval_subset: evaluate on at most the first ``eval_subset`` validation/test examples
+            (smoke runs; ``None`` = the whole split).
+        model_seed: if set, the model is initialised from this seed (independently of the
+            global RNG, and identically on every device); ``None`` uses the global RNG.
     """
 
     data_dir: str | None = None
     init: Literal["paper", "torch"] = "paper"
     subset: int | None = Field(default=None, gt=0)
     download: bool = True
+    eval_subset: int | None = Field(default=None, gt=0)
+    model_seed: int | None = None
 
     def build(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Task:  # type: ignore[override]
         """Load the data onto ``device`` and build the model; returns a :class:`Task`."""
@@ -55,6 +62,9 @@ class Task(ABC):
         default_batch_size: the paper's dataset default batch size.
         default_epochs: the paper's fixed-epoch budget (``None`` for step-budgeted tasks).
         default_steps: the step budget (Rosenbrock), else ``None``.
+        spec: the spec the task was built from.
+        device: the device of the model and the data.
+        dtype: the floating-point dtype of the model and the inputs.
     """
 
     name: ClassVar[str] = ""
@@ -64,6 +74,9 @@ class Task(ABC):
     default_batch_size: int = 1
     default_epochs: int | None = None
     default_steps: int | None = None
+    spec: TaskSpec
+    device: torch.device
+    dtype: torch.dtype
 
     @abstractmethod
     def train_size(self) -> int:
@@ -79,8 +92,18 @@ class Task(ABC):
         n = self.train_size()
         return max(1, -(-n // batch_size))
 
+    def num_parameters(self) -> int:
+        """Number of scalar parameters of :attr:`model`."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def split_sizes(self) -> dict[str, int]:
+        """Number of examples (tokens for PTB) in each split, as used by the task."""
+        raise NotImplementedError
+
     @abstractmethod
-    def evaluate(self, model: nn.Module, split: Literal["train", "val", "test"]) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, split: Literal["train", "val", "test"]
+    ) -> dict[str, float]:
         """Mean loss (and ``accuracy`` for classification) of ``model`` on a whole split, in eval
         mode, without changing the model's mode or buffers."""
 
