@@ -7,14 +7,24 @@ Hessian) or ``"curvlinops"`` (the reference implementation, rebuilt every step).
 round-off (``tests/test_curvature.py``).
 """
 
+from qlrlab.curvature.empirical_fisher import EmpiricalFisherOracle, EmpiricalFisherSpec
+from qlrlab.curvature.fisher_mc import FisherMCOracle, FisherMCSpec
 from qlrlab.curvature.ggn import BoundGGN, GGNOracle, GGNSpec
 from qlrlab.curvature.hessian import BoundHessian, HessianOracle, HessianSpec
+from qlrlab.curvature.kfac import BoundKFAC, KFACOracle, KFACOracleSpec
 
 __all__ = [
     "BoundGGN",
     "BoundHessian",
+    "BoundKFAC",
+    "EmpiricalFisherOracle",
+    "EmpiricalFisherSpec",
+    "FisherMCOracle",
+    "FisherMCSpec",
     "GGNOracle",
     "GGNSpec",
     "HessianOracle",
     "HessianSpec",
+    "KFACOracle",
+    "KFACOracleSpec",
 ]

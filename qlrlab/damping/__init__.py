@@ -6,7 +6,18 @@ where :math:`\\Delta M` is the change predicted by the (damped or undamped) quad
 the same mini-batch. The optimiser evaluates :math:`f(\\theta_{new})` only when a schedule asks.
 """
 
+from qlrlab.damping.accept_reject import AcceptReject, AcceptRejectSpec
 from qlrlab.damping.constant import ConstantDamping, ConstantSpec
+from qlrlab.damping.kfac import KFACDamping, KFACDampingSpec
 from qlrlab.damping.levenberg_marquardt import LevenbergMarquardt, LevenbergMarquardtSpec
 
-__all__ = ["ConstantDamping", "ConstantSpec", "LevenbergMarquardt", "LevenbergMarquardtSpec"]
+__all__ = [
+    "AcceptReject",
+    "AcceptRejectSpec",
+    "ConstantDamping",
+    "ConstantSpec",
+    "KFACDamping",
+    "KFACDampingSpec",
+    "LevenbergMarquardt",
+    "LevenbergMarquardtSpec",
+]

@@ -6,6 +6,20 @@ The step is :math:`\\theta \\leftarrow \\theta - \\alpha d`. Add a new provider 
 """
 
 from qlrlab.directions.adam import AdamDirection, AdamSpec
+from qlrlab.directions.diag_ggn import DiagGGNDirection, DiagGGNSpec
+from qlrlab.directions.kfac import KFACDirection, KFACSpec
+from qlrlab.directions.newton_cg import NewtonCGDirection, NewtonCGSpec
 from qlrlab.directions.sgd import SGDDirection, SGDSpec
 
-__all__ = ["AdamDirection", "AdamSpec", "SGDDirection", "SGDSpec"]
+__all__ = [
+    "AdamDirection",
+    "AdamSpec",
+    "DiagGGNDirection",
+    "DiagGGNSpec",
+    "KFACDirection",
+    "KFACSpec",
+    "NewtonCGDirection",
+    "NewtonCGSpec",
+    "SGDDirection",
+    "SGDSpec",
+]

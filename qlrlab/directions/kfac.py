@@ -1,0 +1,290 @@
+r"""K-FAC direction: Kronecker-factored natural-gradient preconditioning (Martens & Grosse, 2015).
+
+For a ``Linear`` or ``Conv2d`` layer with weight gradient :math:`\nabla W` (``[out, in']``) the
+GGN/Fisher block is approximated by :math:`G \otimes A` (row-major ``W.flatten()``), with
+:math:`A` the input (patch) second moment and :math:`G` the second moment of the backpropagated
+output-gradient factors; the bias block is :math:`G`. The factors come from **BackPACK** during
+the gradient pass — ``KFAC`` (one or more Monte-Carlo samples of the model's predictive
+distribution, ``fisher: mc``, kfac-jax's ``fisher_gradients``) or ``KFLR`` (the exact square root
+of the loss Hessian, ``fisher: type-2``) — on a twin of the model that shares its Parameters
+(:mod:`qlrlab.directions._backpack`). Conventions match curvlinops ``KFACLinearOperator``
+(separate weight and bias, curvature of the loss *as computed*); for ``Conv2d`` BackPACK's input
+factor is divided by the number of output locations :math:`T` (BackPACK's :math:`A` is
+:math:`T\times` curvlinops' KFAC-expand one, ``notes/curvature-backends.md`` §2.2), and :math:`G`
+is the exact bias GGN (reduce-style).
+
+Per step :math:`t` the factors are averaged, :math:`F_t = \epsilon F_{t-1} + (1-\epsilon)\hat F_t`
+(:math:`F_1 = \hat F_1`; ``curvature_ema`` :math:`\epsilon`, 0.95 by default as in the paper's
+kfac-jax configuration), and every ``inverse_period`` steps the damped inverses are recomputed with
+the damping schedule's :math:`\lambda` (``ctx.damping``, i.e. :math:`\lambda_{t-1}`); in between the
+cached inverses are applied. ``damping_mode`` names how :math:`\lambda` enters:
+
+* ``factored_pi`` — factored Tikhonov with the :math:`\pi` correction (Martens & Grosse §6.3,
+  kfac-jax, curvlinops ``use_heuristic_damping``):
+  :math:`(A + \pi\sqrt\lambda I)^{-1} \otimes (G + \pi^{-1}\sqrt\lambda I)^{-1}`,
+  :math:`\pi = \sqrt{(\operatorname{tr}A/\dim A)/(\operatorname{tr}G/\dim G)}`;
+* ``factored`` — the same with :math:`\pi = 1`;
+* ``exact`` — :math:`(G\otimes A + \lambda I)^{-1}` from the eigendecompositions of both factors.
+
+Biases use :math:`(G + \lambda I)^{-1}` in ``exact`` mode (and when the layer's weight is not
+optimised), and the weight's damped :math:`(G + \pi^{-1}\sqrt\lambda I)^{-1}` in the factored
+modes (curvlinops' convention for separate biases). Each factor's damping is floored at
+``min_damping``. Cholesky and ``eigh`` run in the factor dtype and are retried in float64.
+
+Parameters of other layers follow ``fallback``: ``diag_ggn`` (the GGN diagonal of the same
+BackPACK pass, MC or exact like the factors, averaged the same way, preconditioner
+:math:`(\operatorname{diag} + \lambda)^{-1}`), ``identity`` (the gradient) or ``error``
+(construction fails naming the layer). The step is :math:`\theta - \alpha d`; use the
+``kfac_adaptive`` step size for K-FAC's (α, μ) or ``momentum`` for fixed ones.
+
+References:
+    Martens & Grosse, *Optimizing neural networks with Kronecker-factored approximate curvature*,
+    ICML 2015. Grosse & Martens, *A Kronecker-factored approximate Fisher matrix for convolution
+    layers*, ICML 2016. Dangel et al., *BackPACK*, ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from qlrlab.directions._backpack import BackpackTwin
+from qlrlab.interfaces import DirectionProvider, StepContext
+from qlrlab.registry import DIRECTIONS, ComponentSpec
+
+__all__ = ["KFACDirection", "KFACSpec", "damped_cholesky_inverse", "safe_eigh"]
+
+
+@DIRECTIONS.register("kfac")
+class KFACSpec(ComponentSpec):
+    """Spec of the K-FAC direction.
+
+    Attributes:
+        fisher: ``"mc"`` (BackPACK ``KFAC``, sampled targets; kfac-jax's default) or ``"type-2"``
+            (BackPACK ``KFLR``, exact loss-Hessian square root).
+        mc_samples: Monte-Carlo samples per step (``fisher: mc`` only).
+        curvature_ema: factor decay :math:`\\epsilon \\in [0, 1)` (0 = no averaging).
+        inverse_period: recompute the damped inverses every this many steps.
+        damping_mode: ``"factored_pi"``, ``"factored"`` or ``"exact"`` (see module docstring).
+        min_damping: floor of each factor's damping (and of :math:`\\lambda` in ``exact`` mode).
+        fallback: parameters of layers other than ``Linear``/``Conv2d``: ``"diag_ggn"``,
+            ``"identity"`` or ``"error"``.
+        converter: BackPACK's fx converter: ``"auto"`` (for anything but plain ``nn.Sequential``
+            models, e.g. residual nets), ``"always"`` or ``"never"``.
+    """
+
+    name: Literal["kfac"] = "kfac"
+    fisher: Literal["mc", "type-2"] = "mc"
+    mc_samples: int = Field(1, ge=1)
+    curvature_ema: float = Field(0.95, ge=0.0, lt=1.0)
+    inverse_period: int = Field(1, ge=1)
+    damping_mode: Literal["factored_pi", "factored", "exact"] = "factored_pi"
+    min_damping: float = Field(1e-8, ge=0.0)
+    fallback: Literal["diag_ggn", "identity", "error"] = "diag_ggn"
+    converter: Literal["auto", "always", "never"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> KFACSpec:
+        if self.fisher == "type-2" and self.mc_samples != 1:
+            raise ValueError(
+                "mc_samples: only used with fisher: mc (type-2 is exact); remove mc_samples or "
+                "set fisher: mc"
+            )
+        return self
+
+    def build(self) -> KFACDirection:
+        """Build the direction provider."""
+        return KFACDirection(self)
+
+
+def damped_cholesky_inverse(m: Tensor, damping: float) -> Tensor:
+    """:math:`(M + \\text{damping}\\,I)^{-1}` by Cholesky, retried in float64, then by ``eigh``."""
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    mat = m + damping * eye
+    chol, info = torch.linalg.cholesky_ex(mat)
+    if int(info) == 0:
+        return torch.cholesky_inverse(chol)
+    chol64, info64 = torch.linalg.cholesky_ex(mat.double())
+    if int(info64) == 0:
+        return torch.cholesky_inverse(chol64).to(m.dtype)
+    warnings.warn(
+        "kfac: a damped factor is not positive definite even in float64; using an eigenvalue-"
+        "clamped inverse (increase the damping)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    evals, evecs = safe_eigh(mat)
+    return (evecs / evals.clamp_min(max(damping, 1e-12))) @ evecs.T
+
+
+def safe_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` in the matrix dtype, retried in float64 on failure."""
+    try:
+        return torch.linalg.eigh(m)
+    except RuntimeError:
+        evals, evecs = torch.linalg.eigh(m.double())
+        return evals.to(m.dtype), evecs.to(m.dtype)
+
+
+class KFACDirection(DirectionProvider):
+    """K-FAC direction provider.
+
+    State (``state_dict``): ``step``, the averaged ``factors`` per parameter (``[G, A]`` weights,
+    ``[G]`` biases, ``[diag]`` fallback parameters, ``None`` otherwise), the cached ``inverses``
+    and the damping they were computed with.
+    """
+
+    spec: KFACSpec
+
+    def __init__(self, spec: KFACSpec | None = None) -> None:
+        super().__init__(spec or KFACSpec())
+        self.twin: BackpackTwin | None = None
+        self.step = 0
+        self.factors: list[list[Tensor] | None] = []
+        self.inverses: list[list[Tensor] | None] = []
+        self.inverse_damping = float("nan")
+
+    def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
+        """Build the BackPACK twin and check that every layer is supported."""
+        s = self.spec
+        self.twin = BackpackTwin(
+            model,
+            loss_fn,
+            params,
+            owner="kfac",
+            extension="kfac" if s.fisher == "mc" else "kflr",
+            mc_samples=s.mc_samples,
+            fallback=s.fallback,
+            converter=s.converter,
+        )
+        self.step = 0
+        self.factors = [None] * len(params)
+        self.inverses = [None] * len(params)
+        self.inverse_damping = float("nan")
+
+    @contextlib.contextmanager
+    def gradient_pass(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run the gradient pass on the extended twin with BackPACK's extension active."""
+        assert self.twin is not None, "setup() was not called"
+        with self.twin.gradient_pass() as twin:
+            yield twin
+
+    # -- curvature ------------------------------------------------------------------------------
+    def _update_factors(self, fresh: dict[int, Any]) -> None:
+        eps = self.spec.curvature_ema if self.step > 1 else 0.0
+        for i, new in fresh.items():
+            new_list = list(new) if isinstance(new, list) else [new]
+            old = self.factors[i]
+            if old is None or eps == 0.0:
+                self.factors[i] = [t.clone() for t in new_list]
+            else:
+                self.factors[i] = [eps * o + (1.0 - eps) * n for o, n in zip(old, new_list)]
+
+    def _invert(self, lam: float) -> None:
+        s = self.spec
+        lam = max(lam, s.min_damping)
+        assert self.twin is not None
+        for lay in self.twin.layers:
+            if lay.kind == "fallback":
+                for i in lay.others:
+                    f = self.factors[i]
+                    self.inverses[i] = None if f is None else [1.0 / (f[0] + lam)]
+                continue
+            has_w = lay.weight is not None and self.factors[lay.weight] is not None
+            if lay.bias is not None and self.factors[lay.bias] is not None:
+                if s.damping_mode == "exact" or not has_w:
+                    (g,) = self.factors[lay.bias]  # type: ignore[misc]
+                    self.inverses[lay.bias] = [damped_cholesky_inverse(g, lam)]
+            if not has_w:
+                continue
+            assert lay.weight is not None
+            g, a = self.factors[lay.weight]  # type: ignore[misc]
+            if s.damping_mode == "exact":
+                eg, qg = safe_eigh(g)
+                ea, qa = safe_eigh(a)
+                denom = eg.clamp_min(0.0)[:, None] * ea.clamp_min(0.0)[None, :] + lam
+                self.inverses[lay.weight] = [qg, qa, 1.0 / denom]
+                continue
+            pi = 1.0
+            if s.damping_mode == "factored_pi":
+                tr_a = float(a.diagonal().mean())
+                tr_g = float(g.diagonal().mean())
+                if tr_a >= 0.0 and tr_g > 0.0:
+                    pi = math.sqrt(tr_a / tr_g)
+            root = math.sqrt(lam)
+            damp_a = max(pi * root, s.min_damping)
+            damp_g = max(root / pi, s.min_damping)
+            ginv = damped_cholesky_inverse(g, damp_g)
+            self.inverses[lay.weight] = [ginv, damped_cholesky_inverse(a, damp_a)]
+            if lay.bias is not None and self.factors[lay.bias] is not None:
+                # curvlinops convention: the bias shares the weight's damped G inverse
+                self.inverses[lay.bias] = [ginv]
+        self.inverse_damping = lam
+
+    def _apply(self, grads: list[Tensor]) -> list[Tensor]:
+        assert self.twin is not None
+        d = [g.clone() for g in grads]  # identity for anything without an inverse
+        for lay in self.twin.layers:
+            if lay.kind == "fallback":
+                for i in lay.others:
+                    inv = self.inverses[i]
+                    if inv is not None:
+                        d[i] = grads[i] * inv[0]
+                continue
+            if lay.bias is not None and self.inverses[lay.bias] is not None:
+                (ginv,) = self.inverses[lay.bias]  # type: ignore[misc]
+                d[lay.bias] = ginv @ grads[lay.bias]
+            w = lay.weight
+            if w is None or self.inverses[w] is None:
+                continue
+            gm = grads[w].reshape(grads[w].shape[0], -1)
+            inv = self.inverses[w]
+            assert inv is not None
+            if self.spec.damping_mode == "exact":
+                qg, qa, dinv = inv
+                out = qg @ ((qg.T @ gm @ qa) * dinv) @ qa.T
+            else:
+                ginv, ainv = inv
+                out = ginv @ gm @ ainv
+            d[w] = out.reshape(grads[w].shape)
+        return d
+
+    @torch.no_grad()
+    def compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
+        """Average the fresh factors, refresh the inverses if due, return :math:`d = F^{-1} g`."""
+        assert self.twin is not None, "setup() was not called"
+        fresh = self.twin.collect()
+        if not fresh and any(lay.kind == "kfac" for lay in self.twin.layers):
+            raise RuntimeError(
+                "kfac: no BackPACK factors from the gradient pass; compute() must follow the "
+                "optimiser's gradient pass (ComposedOptimizer.step does this)"
+            )
+        self.step += 1
+        self._update_factors(fresh)
+        due = (self.step - 1) % self.spec.inverse_period == 0
+        if due or all(inv is None for inv in self.inverses):
+            self._invert(float(ctx.damping))
+        return self._apply(grads)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, averaged factors, cached inverses and their damping."""
+        return {
+            "step": self.step,
+            "factors": list(self.factors),
+            "inverses": list(self.inverses),
+            "inverse_damping": self.inverse_damping,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore (copies of) the saved factors and inverses."""
+        self.step = int(state["step"])
+        self.factors = [None if f is None else [t.clone() for t in f] for f in state["factors"]]
+        self.inverses = [None if f is None else [t.clone() for t in f] for f in state["inverses"]]
+        self.inverse_damping = float(state["inverse_damping"])
