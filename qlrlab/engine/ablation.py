@@ -1,0 +1,360 @@
+"""Run a set of planned runs: locally in-process, in spawned worker processes, or on Ray.
+
+The executor is resumable and idempotent: runs are identified by the hash of their resolved spec,
+finished runs (``summary.json`` with a done status) are skipped, unfinished ones are re-run (from
+their checkpoint when there is one), and a run that fails or diverges never stops the others.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlrlab.engine.runner import RunResult, run_safely
+from qlrlab.engine.specs import AblationSpec, PlannedRun, RunSpec, SpecError
+from qlrlab.engine.storage import RunStore, confined
+
+__all__ = ["AblationResult", "execute_planned", "preflight", "prepare_output", "run_ablation"]
+
+
+@dataclass
+class AblationResult:
+    """Outcome of an ablation (or of any set of planned runs).
+
+    Attributes:
+        out_dir: the output directory.
+        statuses: run hash → final status.
+        skipped: hashes that were already done (``--resume``).
+        errors: run hash → error message of failed runs.
+    """
+
+    out_dir: Path
+    statuses: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        """Hashes of runs that failed (an exception, not a divergence)."""
+        return [h for h, s in self.statuses.items() if s == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        """Number of runs per status (``skipped`` included)."""
+        out: dict[str, int] = {}
+        for s in self.statuses.values():
+            out[s] = out.get(s, 0) + 1
+        if self.skipped:
+            out["skipped"] = len(self.skipped)
+        return out
+
+
+def preflight(specs: Sequence[RunSpec]) -> None:
+    """Check every distinct task's data before anything runs.
+
+    Uses the task spec's ``check_data()`` when it has one, else builds the task once on the CPU
+    (which also performs any download once, not in every worker).
+
+    Raises:
+        SpecError: a dataset file is missing or unreadable, naming the file and the fix.
+    """
+    import json
+
+    seen: set[str] = set()
+    for spec in specs:
+        key = json.dumps(spec.task, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        task_spec = spec.task_spec()
+        try:
+            check = getattr(task_spec, "check_data", None)
+            if callable(check):
+                check()
+            else:
+                task_spec.build("cpu")
+        except OSError as exc:
+            fname = getattr(exc, "filename", None)
+            raise SpecError(
+                f"missing or unreadable dataset file{f' {fname}' if fname else ''}: {exc}",
+                field=f"task ({spec.task.get('name')})",
+                fix="put the files in task.data_dir (or $QLRLAB_DATA), or set task.download: true "
+                "to fetch them",
+            ) from None
+
+
+def prepare_output(out_dir: str | Path, *, resume: bool, overwrite: bool, kind: str) -> RunStore:
+    """Create (or reuse) an output directory.
+
+    Args:
+        out_dir: the directory.
+        resume: continue what is there.
+        overwrite: delete previous results in it (``index.json``, ``runs/``, ``report/``,
+            ``optuna.db``) first.
+        kind: ``ablation``, ``run`` or ``tune`` (recorded in the index).
+
+    Raises:
+        SpecError: it already holds results and neither ``resume`` nor ``overwrite`` is set.
+    """
+    store = RunStore(out_dir)
+    if store.index_path.exists() and not resume:
+        if not overwrite:
+            raise SpecError(
+                f"output directory {store.root} already holds results",
+                fix="pass --resume to continue it, --overwrite to start again, or --out DIR",
+            )
+        for name in ("runs", "report", "ray"):
+            p = confined(store.root, name)
+            if p.is_dir():
+                shutil.rmtree(p)
+        for name in ("index.json", "optuna.db", "best.json"):
+            p = confined(store.root, name)
+            if p.exists():
+                p.unlink()
+    store.root.mkdir(parents=True, exist_ok=True)
+    return store
+
+
+#: Set while a worker process executes a run.
+_IN_RUN = threading.Event()
+
+
+def _init_worker(threads: int) -> None:
+    import os
+    import signal
+    import time
+
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    parent = os.getppid()
+
+    def watch() -> None:
+        # A worker whose coordinator died (SIGKILL) checkpoints its run and exits, so that a
+        # resumed ablation never races with an orphan writing the same run directory.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        if _IN_RUN.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)  # the run loop checkpoints, then stops
+            deadline = time.monotonic() + 300
+            while _IN_RUN.is_set() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        os._exit(143)
+
+    threading.Thread(target=watch, daemon=True, name="qlrlab-parent-watch").start()
+
+
+def _worker(spec_json: dict[str, Any], root: str, labels: dict[str, Any], threads: int) -> tuple:
+    """Run one spec in a worker process; returns ``(hash, status, error)``."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    spec = RunSpec.model_validate(spec_json)
+    _IN_RUN.set()
+    try:
+        res = run_safely(spec, RunStore(root), labels=labels)
+    finally:
+        _IN_RUN.clear()
+    return res.hash, res.status, res.summary.get("error")
+
+
+def _use_bars(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def execute_planned(
+    planned: Sequence[PlannedRun],
+    store: RunStore,
+    *,
+    workers: int = 1,
+    threads_per_worker: int = 1,
+    quiet: bool = False,
+    backend: str = "local",
+    address: str | None = None,
+    desc: str = "runs",
+) -> AblationResult:
+    """Run every planned run that is not done yet.
+
+    Args:
+        planned: the runs (duplicates by hash run once).
+        store: where results go.
+        workers: parallel processes (1: in this process).
+        threads_per_worker: torch intra-op threads in each worker process (and in this
+            process while it runs the runs itself); 1 is fastest for small models.
+        quiet: no progress bars (they are also off when stderr is not a terminal).
+        backend: ``local`` or ``ray``.
+        address: the Ray cluster address (``None``: a local Ray instance).
+        desc: progress bar label.
+
+    Returns:
+        The :class:`AblationResult`.
+    """
+    result = AblationResult(out_dir=store.root)
+    unique: dict[str, PlannedRun] = {}
+    for p in planned:
+        unique.setdefault(p.hash, p)
+    todo: list[PlannedRun] = []
+    for h, p in unique.items():
+        if store.is_done(h):
+            result.skipped.append(h)
+            result.statuses[h] = store.summary(h)["status"]  # type: ignore[index]
+        else:
+            todo.append(p)
+    bars = _use_bars(quiet)
+    from tqdm.auto import tqdm
+
+    outer = tqdm(
+        total=len(unique),
+        initial=len(result.skipped),
+        desc=desc,
+        unit="run",
+        disable=not bars,
+        position=0,
+        dynamic_ncols=True,
+    )
+
+    def record(h: str, status: str, error: str | None) -> None:
+        result.statuses[h] = status
+        if error:
+            result.errors[h] = error
+        outer.update(1)
+        outer.set_postfix(result.counts())
+
+    try:
+        if backend == "ray":
+            _run_ray(todo, store, threads_per_worker, address, record)
+        elif workers <= 1 or len(todo) <= 1:
+            import torch
+
+            old_threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, threads_per_worker))
+            try:
+                for p in todo:
+                    res: RunResult = run_safely(
+                        p.spec, store, labels=p.labels, progress=bars, position=1
+                    )
+                    record(res.hash, res.status, res.summary.get("error"))
+            finally:
+                torch.set_num_threads(old_threads)
+        else:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(threads_per_worker,),
+            ) as pool:
+                pending: set[Future] = {
+                    pool.submit(
+                        _worker,
+                        p.spec.model_dump(mode="json"),
+                        str(store.root),
+                        p.labels,
+                        threads_per_worker,
+                    )
+                    for p in todo
+                }
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        h, status, error = fut.result()
+                        record(h, status, error)
+    finally:
+        outer.close()
+    return result
+
+
+def _run_ray(
+    todo: Sequence[PlannedRun],
+    store: RunStore,
+    threads: int,
+    address: str | None,
+    record: Any,
+) -> None:
+    try:
+        import ray
+    except ImportError as exc:
+        raise SpecError(
+            f"the ray back-end needs Ray: {exc}", fix="pip install 'qlrlab[ray]'"
+        ) from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=threads)(_worker)
+        refs = [
+            remote.remote(p.spec.model_dump(mode="json"), str(store.root), p.labels, threads)
+            for p in todo
+        ]
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            h, status, error = ray.get(done[0])
+            record(h, status, error)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_ablation(
+    spec: AblationSpec,
+    out_dir: str | Path,
+    *,
+    planned: Sequence[PlannedRun] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    workers: int | None = None,
+    quiet: bool = False,
+    backend: str = "local",
+    address: str | None = None,
+    check_data: bool = True,
+) -> AblationResult:
+    """Plan (unless given), check and execute an ablation; results go to ``out_dir``.
+
+    Args:
+        spec: the ablation.
+        out_dir: the output directory.
+        planned: pre-planned runs (e.g. with ``--set`` overrides already applied).
+        resume: skip finished runs of a previous invocation.
+        overwrite: start again in a directory that holds results.
+        workers: parallel worker processes (default: ``spec.workers``).
+        quiet: no progress bars.
+        backend: ``local`` or ``ray``.
+        address: Ray cluster address.
+        check_data: run :func:`preflight` first.
+
+    Returns:
+        The :class:`AblationResult`.
+
+    Raises:
+        SpecError: bad input, before any run starts.
+    """
+    from qlrlab.engine.specs import plan_ablation
+
+    runs = list(planned) if planned is not None else plan_ablation(spec)
+    if check_data:
+        preflight([p.spec for p in runs])
+    store = prepare_output(out_dir, resume=resume, overwrite=overwrite, kind="ablation")
+    store.add_entries(
+        [{"hash": p.hash, "labels": p.labels} for p in runs],
+        replace=True,
+        kind="ablation",
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+    )
+    return execute_planned(
+        runs,
+        store,
+        workers=workers or spec.workers,
+        threads_per_worker=spec.threads_per_worker,
+        quiet=quiet,
+        backend=backend,
+        address=address,
+        desc=spec.name,
+    )

@@ -1,0 +1,523 @@
+"""Execute one run: build the task and optimiser, train within the budget, log every step.
+
+A run logs one tidy row per step (train batch loss, α, λ, ρ, gᵀd, dᵀCd, predicted and actual
+change, norms, ``time`` = training seconds excluding evaluation, ``wall_time`` including it) and
+adds evaluation columns (``val_loss``, ``test_accuracy``, ...) on the rows where it evaluated. It
+stops at the first limit of its budget, or when a loss goes non-finite (status ``diverged``; the
+summary then holds the last finite metrics). Checkpoints (model, optimiser, data-order RNG,
+counters) are written every ``checkpoint_every`` steps and on SIGTERM; a re-run of an unfinished
+run continues from its checkpoint and reproduces the uninterrupted numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from qlrlab.engine.specs import RunSpec, SpecError, finite, run_hash
+from qlrlab.engine.storage import (
+    RunStore,
+    atomic_write_json,
+    environment_info,
+    load_checkpoint,
+    save_checkpoint,
+    write_parquet_atomic,
+)
+
+__all__ = [
+    "Reporter",
+    "RunInterrupted",
+    "RunResult",
+    "execute_run",
+    "resolve_device",
+    "run_safely",
+    "summarise",
+]
+
+#: ``reporter(step, train_seconds, metrics) -> stop``: called after each evaluation; returning
+#: ``True`` stops the run with status ``pruned`` (used by the tuners).
+Reporter = Callable[[int, float, Mapping[str, float]], bool]
+
+_STEP_FIELDS = (
+    "loss",
+    "alpha",
+    "damping",
+    "rho",
+    "grad_dot_direction",
+    "curvature",
+    "predicted_change",
+    "new_loss",
+    "grad_norm",
+    "direction_norm",
+    "momentum",
+)
+
+
+class RunInterrupted(RuntimeError):
+    """The run was asked to stop (SIGTERM); a checkpoint was written when configured."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`execute_run` returns.
+
+    Attributes:
+        hash: the run's identity.
+        status: ``completed``, ``diverged``, ``pruned`` or ``failed``.
+        summary: the summary row written to ``summary.json``.
+    """
+
+    hash: str
+    status: str
+    summary: dict[str, Any]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``"auto"`` to CUDA when available, else CPU.
+
+    Raises:
+        SpecError: ``"cuda"`` requested but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecError(
+            "device 'cuda' requested but CUDA is not available",
+            field="device",
+            fix="use device: auto or device: cpu",
+        )
+    return torch.device(device)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag polled by the training loop (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:
+                self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _budget_steps(spec: RunSpec, task: Any, batch_size: int) -> tuple[int | None, float | None]:
+    b = spec.budget
+    spe = task.steps_per_epoch(batch_size)
+    limits: list[int] = []
+    if b.steps is not None:
+        limits.append(int(b.steps))
+    if b.epochs is not None:
+        limits.append(max(1, math.ceil(b.epochs * spe)))
+    if not limits and b.seconds is None:
+        if getattr(task, "default_steps", None):
+            limits.append(int(task.default_steps))
+        elif getattr(task, "default_epochs", None):
+            limits.append(int(task.default_epochs) * spe)
+        else:
+            raise SpecError(
+                "no budget: the task has no default and budget.steps/epochs/seconds are unset",
+                field="budget",
+                fix="set budget.steps, budget.epochs or budget.seconds",
+            )
+    return (min(limits) if limits else None), b.seconds
+
+
+def _evaluate(task: Any, model: torch.nn.Module, splits: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for split in splits:
+        try:
+            res = task.evaluate(model, split)
+        except (NotImplementedError, KeyError):
+            continue
+        for k, v in res.items():
+            out[f"{split}_{k}"] = float(v)
+    return out
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    if hasattr(info, "as_dict"):
+        d = dict(info.as_dict())
+    elif isinstance(info, Mapping):
+        d = dict(info)
+    else:
+        d = {"loss": float(info)}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def execute_run(
+    spec: RunSpec,
+    store: RunStore,
+    *,
+    labels: Mapping[str, Any] | None = None,
+    reporter: Reporter | None = None,
+    progress: bool = False,
+    position: int = 0,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train one run and store its spec, metrics, summary and checkpoints under ``store``.
+
+    Args:
+        spec: the resolved run.
+        store: the output directory's store; the run goes to ``runs/<hash>``.
+        labels: labels recorded with the run (variant, seed...).
+        reporter: called after every evaluation; returning ``True`` prunes the run.
+        progress: show a tqdm bar for this run.
+        position: tqdm line.
+        resume: continue from a checkpoint when one exists.
+        stop_after: testing hook: raise :class:`RunInterrupted` after this many steps (after
+            writing a checkpoint).
+
+    Returns:
+        The :class:`RunResult`.
+
+    Raises:
+        RunInterrupted: on SIGTERM (after checkpointing) or ``stop_after``.
+        Exception: anything the task or optimiser raises (see :func:`run_safely`).
+    """
+    import qlrlab
+
+    h = run_hash(spec)
+    rdir = store.run_dir(h)
+    rdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = rdir / "checkpoint.pt"
+    metrics_path = rdir / "metrics.parquet"
+    summary_path = rdir / "summary.json"
+    with contextlib.suppress(FileNotFoundError):
+        summary_path.unlink()
+    env = environment_info()
+    atomic_write_json(
+        rdir / "spec.json",
+        {
+            "hash": h,
+            "spec": spec.model_dump(mode="json"),
+            "seed": spec.seed,
+            "labels": dict(labels or {}),
+            **env,
+        },
+    )
+
+    device = resolve_device(spec.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[spec.dtype]
+    torch.manual_seed(spec.seed)
+    task = spec.task_spec().build(device, dtype)
+    model, loss_fn = task.model, task.loss_fn
+    optimizer = qlrlab.build_optimizer(spec.optimizer_spec(), model, loss_fn)
+    batch_size = spec.batch_size or int(task.default_batch_size)
+    steps_per_epoch = task.steps_per_epoch(batch_size)
+    max_steps, max_seconds = _budget_steps(spec, task, batch_size)
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    train_time, wall_offset = 0.0, 0.0
+    epoch_state = gen.get_state()
+    rows: list[dict[str, Any]] = []
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    if ckpt is not None and ckpt.get("hash") == h:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, batch_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
+        train_time, wall_offset = float(ckpt["train_time"]), float(ckpt["wall_time"])
+        epoch_state = ckpt["epoch_rng"]
+        gen.set_state(epoch_state)
+        torch.set_rng_state(ckpt["torch_rng"])
+        if metrics_path.exists():
+            old = pd.read_parquet(metrics_path)
+            rows = old[old["step"] <= step].to_dict("records")
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            ckpt_path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            metrics_path.unlink()
+
+    ev = spec.eval
+    wall_start = time.perf_counter() - wall_offset
+    status, stop_reason = "running", None
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def now_wall() -> float:
+        return time.perf_counter() - wall_start
+
+    def do_eval(splits: list[str]) -> dict[str, float]:
+        res = _evaluate(task, model, splits)
+        sync()
+        return res
+
+    def checkpoint() -> None:
+        write_parquet_atomic(pd.DataFrame(rows), metrics_path)
+        save_checkpoint(
+            ckpt_path,
+            {
+                "hash": h,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "batch": batch_in_epoch,
+                "epoch_rng": epoch_state,
+                "torch_rng": torch.get_rng_state(),
+                "train_time": train_time,
+                "wall_time": now_wall(),
+            },
+        )
+
+    def report(metrics: Mapping[str, float], batch_losses: list[float]) -> bool:
+        if reporter is None:
+            return False
+        m = dict(metrics)
+        if batch_losses:
+            m["batch_loss"] = sum(batch_losses) / len(batch_losses)
+        return bool(reporter(step, train_time, m))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=max_steps,
+            initial=step,
+            position=position,
+            leave=False,
+            desc=str((labels or {}).get("variant", spec.name))[:24],
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    recent: list[float] = []
+    batches: Iterator[Any] | None = None
+    try:
+        with _SigtermFlag() as term:
+            if step == 0 and ev.at_start and not rows:
+                res = do_eval(ev.splits)
+                rows.append({"step": 0, "epoch": 0.0, "time": 0.0, "wall_time": now_wall(), **res})
+                if any(not finite(v) for k, v in res.items() if k.endswith("loss")):
+                    status, stop_reason = "diverged", "nonfinite_eval"
+                elif report(res, []):
+                    status, stop_reason = "pruned", "pruned"
+            while status == "running":
+                if max_steps is not None and step >= max_steps:
+                    stop_reason = "steps"
+                    break
+                if max_seconds is not None:
+                    used = now_wall() if spec.budget.count_eval_time else train_time
+                    if used >= max_seconds:
+                        stop_reason = "seconds"
+                        break
+                t0 = time.perf_counter()
+                if batches is None:
+                    epoch_state = gen.get_state()
+                    batches = iter(task.train_batches(batch_size, gen))
+                    for _ in range(batch_in_epoch):
+                        next(batches)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    batches = None
+                    epoch += 1
+                    batch_in_epoch = 0
+                    continue
+                model.train()
+                info = optimizer.step(batch)
+                sync()
+                train_time += time.perf_counter() - t0
+                step += 1
+                batch_in_epoch += 1
+                d = _info_dict(info)
+                row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch}
+                row.update({k: d.get(k) for k in _STEP_FIELDS})
+                row["status"] = d.get("status", "ok")
+                if finite(d.get("new_loss")) and finite(d.get("loss")):
+                    row["actual_change"] = float(d["new_loss"]) - float(d["loss"])
+                else:
+                    row["actual_change"] = None
+                for k, v in d.items():
+                    if k not in row and isinstance(v, (int, float)):
+                        row[k] = v
+                row["time"] = train_time
+                loss = d.get("loss")
+                nonfinite = not finite(loss) or str(row["status"]).startswith("nonfinite")
+                evaluated = False
+                if not nonfinite:
+                    recent.append(float(loss))
+                    if ev.every is not None and step % ev.every == 0:
+                        res = do_eval(ev.splits)
+                        row.update(res)
+                        evaluated = True
+                        if any(not finite(v) for k, v in res.items() if k.endswith("loss")):
+                            nonfinite = True
+                row["wall_time"] = now_wall()
+                if nonfinite or evaluated or step % spec.log_every == 0:
+                    rows.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    if step % 20 == 0 or nonfinite:
+                        bar.set_postfix(loss=f"{float(loss):.4g}" if finite(loss) else str(loss))
+                if nonfinite:
+                    status, stop_reason = "diverged", "nonfinite_loss"
+                    break
+                if evaluated:
+                    if report(row, recent):
+                        status, stop_reason = "pruned", "pruned"
+                        break
+                    recent = []
+                if spec.checkpoint_every and step % spec.checkpoint_every == 0:
+                    checkpoint()
+                if term.raised or (stop_after is not None and step >= stop_after):
+                    checkpoint()
+                    raise RunInterrupted(f"run {h} interrupted at step {step}")
+            if status == "running":
+                status = "completed"
+                if ev.at_end:
+                    res = do_eval(ev.final_splits)
+                    if rows and rows[-1]["step"] == step:
+                        rows[-1].update(res)
+                    else:
+                        rows.append(
+                            {
+                                "step": step,
+                                "epoch": step / steps_per_epoch,
+                                "time": train_time,
+                                "wall_time": now_wall(),
+                                **res,
+                            }
+                        )
+                    if any(not finite(v) for k, v in res.items() if k.endswith("loss")):
+                        status, stop_reason = "diverged", "nonfinite_eval"
+                    elif reporter is not None:
+                        report(res, recent)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    df = pd.DataFrame(rows)
+    write_parquet_atomic(df, metrics_path)
+    summary = summarise(
+        df,
+        status=status,
+        stop_reason=stop_reason,
+        run_hash=h,
+        labels=labels,
+        steps=step,
+        train_time=train_time,
+        wall_time=now_wall(),
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        classification=bool(getattr(task, "classification", False)),
+    )
+    atomic_write_json(summary_path, summary)
+    with contextlib.suppress(FileNotFoundError):
+        ckpt_path.unlink()
+    return RunResult(hash=h, status=status, summary=summary)
+
+
+def _last_finite(df: pd.DataFrame, col: str) -> float | None:
+    if col not in df:
+        return None
+    s = pd.to_numeric(df[col], errors="coerce")
+    s = s[s.map(finite)]
+    return float(s.iloc[-1]) if len(s) else None
+
+
+def summarise(
+    df: pd.DataFrame,
+    *,
+    status: str,
+    stop_reason: str | None,
+    run_hash: str,
+    labels: Mapping[str, Any] | None,
+    steps: int,
+    train_time: float,
+    wall_time: float,
+    steps_per_epoch: int,
+    batch_size: int,
+    classification: bool,
+) -> dict[str, Any]:
+    """Build a run's summary row from its metrics (last finite values, so a diverged run keeps
+    its last good numbers)."""
+    out: dict[str, Any] = {
+        "hash": run_hash,
+        "status": status,
+        "stop_reason": stop_reason,
+        "labels": dict(labels or {}),
+        "steps": steps,
+        "epochs": steps / steps_per_epoch,
+        "batch_size": batch_size,
+        "train_time": train_time,
+        "wall_time": wall_time,
+        "classification": classification,
+        "final_batch_loss": _last_finite(df, "loss"),
+    }
+    for split in ("train", "val", "test"):
+        out[f"final_{split}_loss"] = _last_finite(df, f"{split}_loss")
+        out[f"final_{split}_accuracy"] = _last_finite(df, f"{split}_accuracy")
+    if out["final_train_loss"] is None:
+        out["final_train_loss"] = out["final_batch_loss"]
+    if "val_loss" in df:
+        v = pd.to_numeric(df["val_loss"], errors="coerce")
+        v = v[v.map(finite)]
+        out["best_val_loss"] = float(v.min()) if len(v) else None
+    if status == "diverged" and len(df):
+        out["diverged_at_step"] = int(df["step"].iloc[-1])
+    return out
+
+
+def run_safely(
+    spec: RunSpec,
+    store: RunStore,
+    *,
+    labels: Mapping[str, Any] | None = None,
+    reporter: Reporter | None = None,
+    progress: bool = False,
+    position: int = 0,
+) -> RunResult:
+    """:func:`execute_run`, but an exception inside the run is recorded as status ``failed``
+    (with the traceback in ``summary.json``) instead of propagating. ``KeyboardInterrupt``,
+    :class:`RunInterrupted` and :class:`SpecError` still propagate."""
+    try:
+        return execute_run(
+            spec, store, labels=labels, reporter=reporter, progress=progress, position=position
+        )
+    except (KeyboardInterrupt, RunInterrupted, SpecError):
+        raise
+    except Exception as exc:
+        h = run_hash(spec)
+        summary = {
+            "hash": h,
+            "status": "failed",
+            "labels": dict(labels or {}),
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+        atomic_write_json(store.run_dir(h) / "summary.json", summary)
+        return RunResult(hash=h, status="failed", summary=summary)

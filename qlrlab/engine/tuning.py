@@ -1,0 +1,524 @@
+"""Hyperparameter tuning (paper §3.4): a search, early stopping, then repeats of the best.
+
+Two back-ends run the same :class:`~qlrlab.engine.specs.TuneSpec`:
+
+* **Optuna** (default, embedded): the study lives in ``OUT/optuna.db`` (SQLite), so an interrupted
+  study resumes: trials left ``RUNNING`` by a killed process are marked failed and re-queued with
+  the same parameters (their run continues from its checkpoint). Early stopping uses Optuna's
+  successive-halving (ASHA) or Hyperband pruner on optimiser steps or on training seconds
+  (reported in milliseconds). One ``qlrlab tune`` process per study directory.
+* **Ray Tune** (clusters): ``ASHAScheduler`` with ``time_attr`` = steps or training seconds, on
+  a Ray cluster (``--address``) or a local Ray instance; resumes with ``Tuner.restore``.
+
+Trial runs are stored like any run (label ``kind: trial``); the best configuration is re-run with
+``repeats`` seeds (label ``kind: repeat``, ``variant: best``) and written to ``OUT/best.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlrlab.engine.ablation import AblationResult, execute_planned, preflight, prepare_output
+from qlrlab.engine.runner import run_safely
+from qlrlab.engine.specs import (
+    PlannedRun,
+    RunSpec,
+    SpecError,
+    TuneSpec,
+    apply_overrides,
+    finite,
+    run_hash,
+)
+from qlrlab.engine.storage import RunStore, atomic_write_json
+
+__all__ = ["TuneResult", "run_tune", "trial_base", "validate_space"]
+
+_METRIC_COLUMN = {
+    "val_loss": "val_loss",
+    "train_loss": "train_loss",
+    "test_loss": "test_loss",
+    "batch_loss": "loss",
+}
+_SUMMARY_KEY = {
+    "val_loss": "final_val_loss",
+    "train_loss": "final_train_loss",
+    "test_loss": "final_test_loss",
+    "batch_loss": "final_batch_loss",
+}
+
+
+@dataclass
+class TuneResult:
+    """Outcome of a study.
+
+    Attributes:
+        out_dir: the output directory.
+        best_params: the best trial's parameters (keyed as in the search space).
+        best_value: its objective value.
+        n_trials: trials finished (complete, pruned or failed).
+        repeats: the outcome of the repeats of the best configuration.
+        best_overrides: the dotted overrides the best parameters stand for.
+    """
+
+    out_dir: Path
+    best_params: dict[str, Any]
+    best_value: float | None
+    n_trials: int
+    repeats: AblationResult | None = None
+    best_overrides: list[tuple[str, Any]] = field(default_factory=list)
+
+
+def trial_base(spec: TuneSpec, base_overrides: list[tuple[str, Any]] = ()) -> RunSpec:  # type: ignore[assignment]
+    """The run every trial starts from: ``base`` + ``trial_overrides`` + ``--set base.*``."""
+    base = apply_overrides(spec.base, [])
+    over = list(spec.trial_overrides.items()) + list(base_overrides)
+    return apply_overrides(base.model_dump(mode="json"), over, source="trial_overrides")
+
+
+def validate_space(spec: TuneSpec, base: RunSpec) -> None:
+    """Check every search dimension's bounds and that its dotted key exists and accepts the
+    bounds' values.
+
+    Raises:
+        SpecError: naming the dimension and the fix.
+    """
+    for key, p in spec.space.items():
+        try:
+            p.check()
+        except ValueError as exc:
+            raise SpecError(str(exc), field=f"space.{key}") from None
+        samples = p.choices if p.type == "choice" else [p.low, p.high]
+        for v in samples or []:
+            if p.type in ("int", "log_int"):
+                v = int(v)
+            try:
+                apply_overrides(base.model_dump(mode="json"), spec.params_to_overrides({key: v}))
+            except SpecError as exc:
+                raise SpecError(
+                    f"search dimension {key!r} with value {v!r}: {exc.message}",
+                    field=f"space.{key}",
+                    fix=exc.fix,
+                ) from None
+    if spec.scheduler.type != "none" and base.eval.every is None and spec.metric != "batch_loss":
+        raise SpecError(
+            "the scheduler needs intermediate results but trials only evaluate at the end",
+            field="trial_overrides",
+            fix="set trial_overrides: {eval.every: K} (or scheduler.type: none)",
+        )
+    if spec.metric == "batch_loss" and spec.scheduler.type != "none" and base.eval.every is None:
+        raise SpecError(
+            "metric batch_loss is reported at evaluations; trials never evaluate mid-run",
+            field="trial_overrides",
+            fix="set trial_overrides: {eval.every: K}",
+        )
+
+
+def _objective_value(
+    spec: TuneSpec, summary: Mapping[str, Any] | None, store: RunStore, h: str
+) -> float:
+    if not summary:
+        return math.inf
+    if spec.scope == "last":
+        if summary.get("status") == "diverged":
+            return math.inf
+        v = summary.get(_SUMMARY_KEY[spec.metric])
+        return float(v) if finite(v) else math.inf
+    df = store.metrics(h)
+    col = _METRIC_COLUMN[spec.metric]
+    if df is None or col not in df:
+        return math.inf
+    vals = [float(x) for x in df[col] if finite(x)]
+    return min(vals) if vals else math.inf
+
+
+def _resource_fn(spec: TuneSpec) -> Any:
+    if spec.scheduler.resource == "steps":
+        return lambda step, seconds: int(step)
+    return lambda step, seconds: round(seconds * 1000.0)
+
+
+def _metric_from(spec: TuneSpec, metrics: Mapping[str, float]) -> float | None:
+    key = {"val_loss": "val_loss", "train_loss": "train_loss", "test_loss": "test_loss"}.get(
+        spec.metric, "batch_loss"
+    )
+    v = metrics.get(key)
+    return float(v) if finite(v) else None
+
+
+def _labels(run: RunSpec, **extra: Any) -> dict[str, Any]:
+    return {"task": run.task["name"], "seed": run.seed, **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna
+# --------------------------------------------------------------------------------------------
+
+
+class _TrialFailed(RuntimeError):
+    pass
+
+
+def _suggest(trial: Any, key: str, p: Any) -> Any:
+    if p.type == "log_uniform":
+        return trial.suggest_float(key, p.low, p.high, log=True)
+    if p.type == "uniform":
+        return trial.suggest_float(key, p.low, p.high)
+    if p.type == "int":
+        return trial.suggest_int(key, int(p.low), int(p.high))
+    if p.type == "log_int":
+        return trial.suggest_int(key, int(p.low), int(p.high), log=True)
+    return trial.suggest_categorical(key, p.choices)
+
+
+def _optuna_pruner(spec: TuneSpec, base: RunSpec) -> Any:
+    import optuna
+
+    sch = spec.scheduler
+    scale = 1.0 if sch.resource == "steps" else 1000.0
+    min_r = max(1, round(sch.min_resource * scale))
+    if sch.type == "none":
+        return optuna.pruners.NopPruner()
+    if sch.type == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min_r, reduction_factor=sch.reduction_factor, min_early_stopping_rate=0
+        )
+    max_r: Any = "auto"
+    if sch.max_resource is not None:
+        max_r = round(sch.max_resource * scale)
+    elif sch.resource == "steps" and base.budget.steps:
+        max_r = int(base.budget.steps)
+    elif sch.resource == "seconds" and base.budget.seconds:
+        max_r = int(base.budget.seconds * 1000)
+    return optuna.pruners.HyperbandPruner(
+        min_resource=min_r, max_resource=max_r, reduction_factor=sch.reduction_factor
+    )
+
+
+def _tune_optuna(
+    spec: TuneSpec, base: RunSpec, store: RunStore, quiet: bool
+) -> tuple[dict[str, Any], float | None, int]:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{store.root / 'optuna.db'}"
+    storage = optuna.storages.RDBStorage(url)
+    existing = []
+    try:
+        study_id = storage.get_study_id_from_name(spec.name)
+        existing = storage.get_all_trials(study_id, deepcopy=False)
+    except KeyError:
+        study_id = None
+    # Trials left RUNNING by a killed process: fail them and re-queue their parameters.
+    stale = [t for t in existing if t.state == TrialState.RUNNING]
+    n_prev = len(existing)
+    sampler: Any
+    if spec.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=spec.sampler_seed + n_prev)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed + n_prev)
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        load_if_exists=True,
+        direction="minimize",
+        sampler=sampler,
+        pruner=_optuna_pruner(spec, base),
+    )
+    study_id = storage.get_study_id_from_name(spec.name)
+    for t in stale:
+        tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(tid, "stale", True)
+        storage.set_trial_state_values(tid, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+
+    def finished(t: Any) -> bool:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            return True
+        return t.state == TrialState.FAIL and not t.user_attrs.get("stale")
+
+    done = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
+    remaining = max(0, spec.n_trials - done)
+    base_dump = base.model_dump(mode="json")
+    resource = _resource_fn(spec)
+
+    def objective(trial: Any) -> float:
+        params = {key: _suggest(trial, key, p) for key, p in spec.space.items()}
+        run = apply_overrides(base_dump, spec.params_to_overrides(params))
+        h = run_hash(run)
+        trial.set_user_attr("run_hash", h)
+        labels = _labels(run, kind="trial", variant="trial", trial=trial.number)
+        store.add_entries([{"hash": h, "labels": labels}])
+        if store.is_done(h):
+            summary = store.summary(h)
+            if summary and summary.get("status") == "pruned":
+                raise optuna.TrialPruned()
+            return _objective_value(spec, summary, store, h)
+        last = [-1]
+
+        def reporter(step: int, seconds: float, metrics: Mapping[str, float]) -> bool:
+            value = _metric_from(spec, metrics)
+            r = resource(step, seconds)
+            if value is None or r <= last[0]:
+                return False
+            last[0] = r
+            trial.report(value, r)
+            return bool(trial.should_prune())
+
+        res = run_safely(run, store, labels=labels, reporter=reporter)
+        if res.status == "pruned":
+            raise optuna.TrialPruned()
+        if res.status == "failed":
+            raise _TrialFailed(res.summary.get("error", "run failed"))
+        return _objective_value(spec, res.summary, store, h)
+
+    if remaining:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            catch=(_TrialFailed,),
+            show_progress_bar=False,
+            gc_after_trial=False,
+        )
+    n_finished = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if finite(t.value)
+    ]
+    if not complete:
+        return {}, None, n_finished
+    best = min(complete, key=lambda t: t.value)
+    return dict(best.params), float(best.value), n_finished
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Tune
+# --------------------------------------------------------------------------------------------
+
+
+def _ray_trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Ray Tune function trainable: one trial = one run, reporting at each evaluation."""
+    from ray import tune
+
+    spec = TuneSpec.model_validate(ctx["spec"])
+    params = {key: config[f"p{i}"] for i, key in enumerate(ctx["keys"])}
+    run = apply_overrides(ctx["base"], spec.params_to_overrides(params))
+    store = RunStore(ctx["root"])
+    state = {"reported": False}
+
+    def reporter(step: int, seconds: float, metrics: Mapping[str, float]) -> bool:
+        value = _metric_from(spec, metrics)
+        if value is None:
+            return False
+        tune.report({"objective": value, "step": step, "train_seconds": seconds})
+        state["reported"] = True
+        return False
+
+    res = run_safely(
+        run, store, labels=_labels(run, kind="trial", variant="trial"), reporter=reporter
+    )
+    if res.status == "failed":
+        raise RuntimeError(res.summary.get("error", "run failed"))
+    value = _objective_value(spec, res.summary, store, res.hash)
+    tune.report(
+        {
+            "objective": value if finite(value) else 1e300,
+            "step": res.summary.get("steps", 0),
+            "train_seconds": res.summary.get("train_time", 0.0),
+            "done_value": value if finite(value) else 1e300,
+        }
+    )
+
+
+def _tune_ray(
+    spec: TuneSpec, base: RunSpec, store: RunStore, address: str | None, resume: bool
+) -> tuple[dict[str, Any], float | None, int]:
+    try:
+        import ray
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+    except ImportError as exc:
+        raise SpecError(
+            f"the ray back-end needs Ray Tune: {exc}", fix="pip install 'qlrlab[ray]'"
+        ) from None
+    keys = list(spec.space)
+    space: dict[str, Any] = {}
+    for i, key in enumerate(keys):
+        p = spec.space[key]
+        if p.type == "log_uniform":
+            space[f"p{i}"] = tune.loguniform(p.low, p.high)
+        elif p.type == "uniform":
+            space[f"p{i}"] = tune.uniform(p.low, p.high)
+        elif p.type == "int":
+            space[f"p{i}"] = tune.randint(int(p.low), int(p.high) + 1)
+        elif p.type == "log_int":
+            space[f"p{i}"] = tune.lograndint(int(p.low), int(p.high) + 1)
+        else:
+            space[f"p{i}"] = tune.choice(p.choices)
+    sch = spec.scheduler
+    time_attr = "step" if sch.resource == "steps" else "train_seconds"
+    max_t = sch.max_resource
+    if max_t is None:
+        max_t = (base.budget.steps if sch.resource == "steps" else base.budget.seconds) or 10**9
+    scheduler = None
+    if sch.type != "none":
+        scheduler = ASHAScheduler(
+            time_attr=time_attr,
+            max_t=max_t,
+            grace_period=sch.min_resource,
+            reduction_factor=sch.reduction_factor,
+        )
+    ctx = {
+        "spec": spec.model_dump(mode="json"),
+        "keys": keys,
+        "base": base.model_dump(mode="json"),
+        "root": str(store.root),
+    }
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        trainable = tune.with_resources(tune.with_parameters(_ray_trainable, ctx=ctx), {"cpu": 1})
+        exp_dir = store.root / "ray" / spec.name
+        if resume and tune.Tuner.can_restore(str(exp_dir)):
+            tuner = tune.Tuner.restore(
+                str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric="objective",
+                    mode="min",
+                    num_samples=spec.n_trials,
+                    scheduler=scheduler,
+                ),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=str(store.root / "ray"), verbose=0
+                ),
+            )
+        results = tuner.fit()
+        entries = []
+        best_params: dict[str, Any] = {}
+        best_value: float | None = None
+        n = 0
+        for r in results:
+            n += 1
+            if r.config is None:
+                continue
+            params = {key: r.config[f"p{i}"] for i, key in enumerate(keys)}
+            run = apply_overrides(ctx["base"], spec.params_to_overrides(params))
+            entries.append(
+                {"hash": run_hash(run), "labels": _labels(run, kind="trial", variant="trial")}
+            )
+            value = (r.metrics or {}).get("objective")
+            if r.error is None and finite(value) and value < 1e299:
+                if best_value is None or value < best_value:
+                    best_params, best_value = params, float(value)
+        store.add_entries(entries)
+        return best_params, best_value, n
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def run_tune(
+    spec: TuneSpec,
+    out_dir: str | Path,
+    *,
+    base_overrides: list[tuple[str, Any]] = (),  # type: ignore[assignment]
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    backend: str = "optuna",
+    address: str | None = None,
+    workers: int = 1,
+    check_data: bool = True,
+) -> TuneResult:
+    """Run a study, then the repeats of its best configuration.
+
+    Args:
+        spec: the study.
+        out_dir: the output directory (holds ``optuna.db``, ``runs/``, ``best.json``).
+        base_overrides: dotted overrides applied to every trial and repeat.
+        resume: continue a previous study in ``out_dir``.
+        overwrite: start again in a directory that holds results.
+        quiet: no progress bars.
+        backend: ``optuna`` or ``ray``.
+        address: Ray cluster address (``ray`` back-end).
+        workers: parallel processes for the repeats.
+        check_data: check datasets before starting.
+
+    Returns:
+        The :class:`TuneResult`.
+
+    Raises:
+        SpecError: bad input, before any trial starts.
+    """
+    base = trial_base(spec, list(base_overrides))
+    validate_space(spec, base)
+    base_plain = apply_overrides(spec.base, list(base_overrides))
+    repeat_base = apply_overrides(
+        base_plain.model_dump(mode="json"),
+        list(spec.repeat_overrides.items()),
+        source="repeat_overrides",
+    )
+    if check_data:
+        preflight([base, repeat_base])
+    store = prepare_output(out_dir, resume=resume, overwrite=overwrite, kind="tune")
+    store.add_entries([], kind="tune", name=spec.name, spec=spec.model_dump(mode="json"))
+    if backend == "optuna":
+        params, value, n = _tune_optuna(spec, base, store, quiet)
+    elif backend == "ray":
+        params, value, n = _tune_ray(spec, base, store, address, resume)
+    else:
+        raise SpecError(f"unknown backend {backend!r}", fix="use --backend optuna or ray")
+    overrides = spec.params_to_overrides(params)
+    atomic_write_json(
+        store.root / "best.json",
+        {
+            "params": params,
+            "overrides": {k: v for k, v in overrides},
+            "value": value,
+            "metric": spec.metric,
+            "scope": spec.scope,
+            "n_trials": n,
+        },
+    )
+    result = TuneResult(
+        out_dir=store.root,
+        best_params=params,
+        best_value=value,
+        n_trials=n,
+        best_overrides=overrides,
+    )
+    seeds = spec.repeat_seed_list()
+    if params and seeds:
+        best = apply_overrides(repeat_base.model_dump(mode="json"), overrides)
+        planned = []
+        for s in seeds:
+            run = best.model_copy(update={"seed": int(s)})
+            planned.append(
+                PlannedRun(
+                    labels=_labels(run, kind="repeat", variant="best"),
+                    spec=run,
+                    hash=run_hash(run),
+                )
+            )
+        store.add_entries([{"hash": p.hash, "labels": p.labels} for p in planned])
+        result.repeats = execute_planned(
+            planned, store, workers=workers, quiet=quiet, desc=f"{spec.name} repeats"
+        )
+    return result
