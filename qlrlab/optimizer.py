@@ -127,10 +127,16 @@ class ComposedOptimizer(torch.optim.Optimizer):
             Each group's ``lr`` multiplies the rule's :math:`\\alpha` (``fixed`` sets it).
         model: the model (the extra passes call it functionally; never modified).
         loss_fn: mean-reduced loss module, ``loss_fn(model(inputs), targets)``.
-        direction, curvature, step_size, damping: the components.
+        direction: the direction provider.
+        step_size: the step-size rule.
+        curvature: the curvature oracle (``None``: none; rules that need one refuse to build).
+        damping: the damping schedule (``None``: constant :math:`\\lambda = 0`).
         spec: the spec they came from (kept for reference and ``repr``).
         track_rho: compute :math:`f(\\theta_{new})` and :math:`\\rho` every step.
         all_reduce: averages a tensor over data-parallel workers (default: identity).
+        grad_all_reduce: averages the gradients in place over data-parallel workers right after
+            the gradient pass (``None``: not needed, e.g. single process or a DDP-wrapped model;
+            see :mod:`qlrlab.distributed`).
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         spec: OptimizerSpec | None = None,
         track_rho: bool = False,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
+        grad_all_reduce: Callable[[list[Tensor]], None] | None = None,
     ) -> None:
         from qlrlab.damping.constant import ConstantDamping
 
@@ -162,6 +169,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.spec = spec
         self.track_rho = track_rho
         self.all_reduce: Callable[[Tensor], Tensor] = all_reduce or (lambda t: t)
+        self.grad_all_reduce = grad_all_reduce
         self._step = 0
 
         names = {id(p): n for n, p in model.named_parameters()}
@@ -220,6 +228,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         t = self._step
         lam = float(self.damping.value)
         loss0, outputs = self._gradient_pass(inputs, targets)
+        if self.grad_all_reduce is not None:
+            for p in self._params:  # same layout on every worker
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.grad_all_reduce([p.grad for p in self._params])  # type: ignore[misc]
         loss0 = self.all_reduce(loss0)
         loss_f = _f(loss0)
         assert loss_f is not None
@@ -269,7 +282,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         mults = [float(g["lr"]) for g in self.param_groups]
         uniform = all(m == mults[0] for m in mults)
         alpha_eff = _f(alpha_base * mults[0])
-        direction_norm = _f(sq_norm(d).sqrt())
+        # the quadratic rule already computed ||d||^2 (same tensor ops: identical value)
+        dd_t = (
+            proposal.sq_norm if proposal.update is None and proposal.sq_norm is not None else None
+        )
+        direction_norm = _f((sq_norm(d) if dd_t is None else dd_t).sqrt())
         if not _finite(alpha_eff):
             if snapshot is not None:
                 self.direction.load_state_dict(snapshot[1])
@@ -283,7 +300,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
         # explicit update delta (per group multipliers applied)
         gi = self._group_index
-        if proposal.update is None:
+        if proposal.update is None and uniform:
+            update = list(torch._foreach_mul(d, -alpha_base * mults[0]))
+        elif proposal.update is None:
             update = [(-alpha_base * mults[gi[i]]) * d[i] for i in range(len(d))]
         else:
             update = [proposal.update[i] * mults[gi[i]] for i in range(len(d))]
@@ -437,6 +456,7 @@ def build_optimizer(
     params: Iterable[Any] | None = None,
     *,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
+    grad_all_reduce: Callable[[list[Tensor]], None] | None = None,
 ) -> ComposedOptimizer:
     """Build a :class:`ComposedOptimizer` from a spec.
 
@@ -446,6 +466,8 @@ def build_optimizer(
         loss_fn: the mean-reduced loss module.
         params: parameters or param groups (default: all trainable parameters of ``model``).
         all_reduce: data-parallel averaging of scalars (see :mod:`qlrlab.distributed`).
+        grad_all_reduce: in-place data-parallel averaging of the gradients (not needed with a
+            DDP-wrapped model); :func:`qlrlab.distributed.build_distributed_optimizer` sets both.
 
     Returns:
         The optimiser; call ``opt.step((inputs, targets))``.
@@ -467,4 +489,5 @@ def build_optimizer(
         spec=spec,
         track_rho=spec.track_rho,
         all_reduce=all_reduce,
+        grad_all_reduce=grad_all_reduce,
     )

@@ -9,22 +9,34 @@ e.g. :math:`\frac1N\sum_n \big(\sum_k p_{nk} u_{nk}^2 - (\sum_k p_{nk}u_{nk})^2\
 softmax cross-entropy (Martens & Grosse, 2015; Clarke & Hernández-Lobato, 2024, §1.4 of
 ``notes/adamqlr-paper-and-code.md``). Products :math:`Gv` add one vector–Jacobian product.
 Losses without a closed form use a double-backward output-Hessian product.
+
+Back-ends (``GGNSpec.backend``):
+
+* ``"own"`` (default): the fast path (:mod:`qlrlab.curvature._fastpath`: tangents from the
+  gradient pass's cached activations, and :math:`f(\theta-\alpha d)` with the first layer's
+  output updated as :math:`z - \alpha u`) whenever every parametrised layer is supported and
+  the recorded chain checks out, otherwise the general ``torch.func`` path;
+* ``"fast"``: the fast path, an error when the model is not supported;
+* ``"jvp"``: always the general ``torch.func.jvp`` path (any model);
+* ``"curvlinops"``: ``GGNLinearOperator``, rebuilt each step (reference).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from qlrlab._passes import functional_forward, side_effect_free
+from qlrlab.curvature import _fastpath
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
 from qlrlab.losses import output_hvp
 from qlrlab.registry import CURVATURES, ComponentSpec
 
-__all__ = ["BoundGGN", "GGNOracle", "GGNSpec"]
+__all__ = ["BoundGGN", "FastBoundGGN", "GGNOracle", "GGNSpec"]
 
 
 @CURVATURES.register("ggn")
@@ -32,12 +44,14 @@ class GGNSpec(ComponentSpec):
     """Spec of the GGN / Fisher curvature oracle.
 
     Attributes:
-        backend: ``"own"`` (forward-mode JVP + closed-form output Hessian) or ``"curvlinops"``
-            (``GGNLinearOperator``, rebuilt each step; reference).
+        backend: ``"own"`` (fast path when the model is supported, else forward-mode JVP; both
+            with the closed-form output Hessian), ``"fast"`` (fast path or error), ``"jvp"``
+            (general ``torch.func`` path) or ``"curvlinops"`` (``GGNLinearOperator``, rebuilt
+            each step; reference).
     """
 
     name: Literal["ggn"] = "ggn"
-    backend: Literal["own", "curvlinops"] = "own"
+    backend: Literal["own", "fast", "jvp", "curvlinops"] = "own"
 
     def build(self) -> GGNOracle:
         """Build the oracle."""
@@ -94,20 +108,82 @@ class BoundGGN(BoundCurvature):
         return [t.detach() for t in self._vjp(hu)]
 
 
+class FastBoundGGN(BoundGGN):
+    """GGN of one mini-batch from the gradient pass's cached activations (fast path).
+
+    :meth:`jvp` needs no forward pass (see :mod:`qlrlab.curvature._fastpath`), and
+    :meth:`loss_after` evaluates :math:`f(\theta - \alpha d)` reusing the cached outputs of
+    every layer up to and including the first optimised one. :meth:`matvec` (rarely needed)
+    uses the general path's vector–Jacobian product.
+
+    Args:
+        problem: the bound mini-batch problem.
+        chain: validated records of the gradient pass.
+    """
+
+    def __init__(self, problem: Problem, chain: list[_fastpath.Record]) -> None:
+        super().__init__(problem)
+        self.fast = _fastpath.ChainTangents(chain, problem.params)
+
+    def jvp(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Outputs :math:`z` and :math:`u = Jv` from the cached activations."""
+        with torch.no_grad():
+            z, u = self.fast.tangent(v)
+        self._z = z
+        return z, u
+
+    def loss_after(self, alpha: Tensor, direction: list[Tensor]) -> Tensor | None:
+        """:math:`f(\theta - \alpha d)` on the bound batch (``None`` if ``d`` was not the last
+        vector passed to :meth:`jvp`)."""
+        with torch.no_grad():
+            z = self.fast.new_output(alpha, direction)
+            if z is None:
+                return None
+            return self.problem.loss_fn(z, self.problem.targets).detach()
+
+
 class GGNOracle(CurvatureOracle):
-    """Binds :class:`BoundGGN` (own back-end) or the curvlinops ``GGNLinearOperator``."""
+    """Binds :class:`FastBoundGGN`, :class:`BoundGGN` or the curvlinops ``GGNLinearOperator``."""
 
     spec: GGNSpec
 
     def __init__(self, spec: GGNSpec | None = None) -> None:
         super().__init__(spec or GGNSpec())
+        self._fast = False
+        self._recorder: _fastpath.ChainRecorder | None = None
+        self._params: list[Tensor] = []
+        self.fast_unsupported: str | None = None
+        #: which path the last :meth:`bind` chose: ``"fast"``, ``"jvp"`` or ``"curvlinops"``.
+        self.last_path: str | None = None
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
-        """Check the loss is supported by the chosen back-end."""
+        """Check the loss/model are supported by the chosen back-end; decide on the fast path."""
         if self.spec.backend == "curvlinops":
             from qlrlab.curvature._curvlinops import check_curvlinops_support
 
             check_curvlinops_support(model, loss_fn)
+        self._fast = False
+        if self.spec.backend in ("own", "fast"):
+            self.fast_unsupported = _fastpath.fast_path_unsupported(model, params)
+            if self.fast_unsupported is not None and self.spec.backend == "fast":
+                raise ValueError(
+                    f"curvature.backend: fast: {self.fast_unsupported}; use backend: own "
+                    f"(falls back to torch.func automatically) or jvp"
+                )
+            self._fast = self.fast_unsupported is None
+        self._params = list(params)
+
+    @contextlib.contextmanager
+    def gradient_pass(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Record the leaf layers' inputs and outputs when the fast path is on."""
+        self._recorder = None
+        if not self._fast:
+            yield model
+            return
+        rec = _fastpath.ChainRecorder(model, self._params)
+        with rec.recording():
+            yield model
+        self._recorder = rec
 
     def bind(self, problem: Problem) -> BoundCurvature:
         """Bind to ``problem``."""
@@ -116,5 +192,15 @@ class GGNOracle(CurvatureOracle):
 
             from qlrlab.curvature._curvlinops import CurvlinopsBound
 
+            self.last_path = "curvlinops"
             return CurvlinopsBound(problem, GGNLinearOperator)
+        rec, self._recorder = self._recorder, None
+        if rec is not None:
+            chain = rec.chain()
+            if chain is not None:
+                self.last_path = "fast"
+                return FastBoundGGN(problem, chain)
+            if self.spec.backend == "fast":
+                raise RuntimeError(f"curvature.backend: fast: {rec.failure}; use backend: own")
+        self.last_path = "jvp"
         return BoundGGN(problem)

@@ -1,0 +1,337 @@
+"""Per-step cost of the optimiser presets against ``torch.optim.Adam`` (not part of the test suite).
+
+For each model × batch size, every optimiser gets its own copy of the same initial model; after
+``--warmup`` steps each, ``--steps`` rounds run **interleaved** (one step of each optimiser per
+round, so background load hits all of them alike) and the median step time is reported together
+with its ratio to ``torch.optim.Adam``'s median in the same rounds.
+
+Peak memory:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over one step (absolute: parameters, gradients,
+  optimiser state, activations and batch).
+* CPU: PyTorch has no CPU peak counter, so one step runs under ``torch.profiler`` with
+  ``profile_memory=True``; the running sum of the allocator's raw allocation/free records
+  (``[memory]`` events with their byte counts and timestamps) gives the
+  step's peak *above* what was live before it, to which we add the bytes held between steps by
+  the parameters, gradients and the optimiser state (found by walking its state). The batch
+  itself is excluded (it is the same for every optimiser). Allocator caching and fragmentation
+  are not included, so this is the working set torch asks for, not RSS. A second ratio adds the
+  batch's bytes to both sides (on CUDA the batch is already inside the absolute figure).
+
+Usage::
+
+    python benchmarks/bench_step.py                  # default grid, 1 thread
+    python benchmarks/bench_step.py --models fmnist_mlp --batch-sizes 3200 --steps 50
+    python benchmarks/bench_step.py --out benchmarks/results/step   # writes .json and .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qlrlab import build_optimizer
+from qlrlab.losses import HalfMSELoss
+from qlrlab.optimizer import ComposedOptimizer
+from qlrlab.presets import PRESETS, get_preset
+
+
+class SmallCNN(nn.Sequential):
+    """The issue's small CNN: Conv(1→16,3)-ReLU-MaxPool2-Conv(16→32,3)-ReLU-MaxPool2-Linear."""
+
+    def __init__(self, in_ch: int = 1, size: int = 28, classes: int = 10) -> None:
+        s = size // 4
+        super().__init__(
+            nn.Conv2d(in_ch, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * s * s, classes),
+        )
+
+
+def _mlp(sizes: list[int]) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def make_problem(name: str, batch: int, device: torch.device) -> tuple[nn.Module, nn.Module, Any]:
+    """(model, loss, batch) for a benchmark model name (random data of the task's shape)."""
+    g = torch.Generator().manual_seed(0)
+    if name == "fmnist_mlp":
+        model, loss = _mlp([784, 50, 10]), nn.CrossEntropyLoss()
+        x, y = (
+            torch.randn(batch, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (batch,), generator=g),
+        )
+    elif name == "wide_mlp":
+        model, loss = _mlp([784, 256, 10]), nn.CrossEntropyLoss()
+        x, y = (
+            torch.randn(batch, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (batch,), generator=g),
+        )
+    elif name == "uci_mlp":
+        model, loss = _mlp([8, 50, 1]), HalfMSELoss()
+        x, y = torch.randn(batch, 8, generator=g), torch.randn(batch, 1, generator=g)
+    elif name == "cnn":
+        model, loss = SmallCNN(), nn.CrossEntropyLoss()
+        x, y = (
+            torch.randn(batch, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (batch,), generator=g),
+        )
+    elif name == "resnet18":
+        from qlrlab.models import ResNet18
+
+        model, loss = ResNet18(num_classes=10), nn.CrossEntropyLoss()
+        x, y = (
+            torch.randn(batch, 3, 32, 32, generator=g),
+            torch.randint(0, 10, (batch,), generator=g),
+        )
+    else:
+        raise KeyError(name)
+    torch.manual_seed(0)
+    return model.to(device), loss, (x.to(device), y.to(device))
+
+
+#: optimiser label -> (preset, overrides of the curvature back-end or None)
+OPTIMISERS: dict[str, tuple[str, str | None]] = {
+    "adam (composed)": ("adam", None),
+    "adamqlr (own→fast)": ("adamqlr", "own"),
+    "adamqlr (jvp)": ("adamqlr", "jvp"),
+    "adamqlr (curvlinops)": ("adamqlr", "curvlinops"),
+    "kfac": ("kfac", None),
+}
+
+
+def build_step(
+    label: str, model: nn.Module, loss_fn: nn.Module, batch: Any
+) -> tuple[Callable[[], Any], Any]:
+    """A zero-argument function doing one step, and the optimiser."""
+    if label == "torch.optim.Adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x, y = batch
+
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step, opt
+    preset, backend = OPTIMISERS[label]
+    spec = get_preset(preset)
+    if backend is not None:
+        data = spec.model_dump()
+        data["curvature"]["backend"] = backend
+        spec = type(spec).model_validate(data)
+    copt = build_optimizer(spec, model, loss_fn)
+    return (lambda: copt.step(batch)), copt
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def held_bytes(model: nn.Module, opt: Any) -> int:
+    """Bytes held between steps: parameters, gradients and optimiser state."""
+    seen: set[int] = set()
+    n = _tensor_bytes([p for p in model.parameters()], seen)
+    n += _tensor_bytes([p.grad for p in model.parameters() if p.grad is not None], seen)
+    if isinstance(opt, ComposedOptimizer):
+        for comp in opt.components:
+            n += _tensor_bytes(comp.state_dict(), seen)
+    else:
+        n += _tensor_bytes(list(opt.state.values()), seen)
+    return n
+
+
+def peak_step_bytes(
+    step: Callable[[], Any], model: nn.Module, opt: Any, device: torch.device
+) -> int:
+    """Peak bytes during one step (see the module docstring for the method)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+    base = held_bytes(model, opt)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # replay the allocator's raw "[memory]" records (+bytes on allocation, -bytes on free) in
+    # time order; the running sum is the live-bytes change since the step began
+    raw = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    raw.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in raw:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return base + peak
+
+
+def bench_case(
+    model_name: str, batch: int, labels: list[str], warmup: int, steps: int, device: torch.device
+) -> list[dict[str, Any]]:
+    """Interleaved timing of all ``labels`` on one model × batch size."""
+    model0, loss_fn, data = make_problem(model_name, batch, device)
+    runs: dict[str, tuple[Callable[[], Any], Any, nn.Module]] = {}
+    for label in labels:
+        model = copy.deepcopy(model0)
+        try:
+            step, opt = build_step(label, model, loss_fn, data)
+            for _ in range(warmup):
+                step()
+        except Exception as exc:  # e.g. curvlinops cannot do train-mode BatchNorm
+            print(f"  skip {label}: {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        runs[label] = (step, opt, model)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(steps):
+        for label, (step, _, _) in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[label].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref_t = med["torch.optim.Adam"]
+    mem = {k: peak_step_bytes(s, m, o, device) for k, (s, o, m) in runs.items()}
+    ref_m = mem["torch.optim.Adam"]
+    batch_bytes = 0 if device.type == "cuda" else _tensor_bytes(list(data), set())
+    rows = []
+    for label in runs:
+        q1, _, q3 = statistics.quantiles(times[label], n=4)
+        row = {
+            "model": model_name,
+            "batch": batch,
+            "optimizer": label,
+            "median_ms": 1e3 * med[label],
+            "iqr_ms": 1e3 * (q3 - q1),
+            "ratio_to_adam": med[label] / ref_t,
+            "peak_mb": mem[label] / 2**20,
+            "mem_ratio_to_adam": mem[label] / ref_m,
+            "peak_with_batch_mb": (mem[label] + batch_bytes) / 2**20,
+            "mem_with_batch_ratio_to_adam": (mem[label] + batch_bytes) / (ref_m + batch_bytes),
+        }
+        opt = runs[label][1]
+        curv = getattr(opt, "curvature", None)
+        row["ggn_path"] = getattr(curv, "last_path", None)
+        rows.append(row)
+    fast = med.get("adamqlr (own→fast)")
+    cl = med.get("adamqlr (curvlinops)")
+    for row in rows:
+        row["fast_over_curvlinops"] = (fast / cl) if fast and cl else None
+    return rows
+
+
+DEFAULT_GRID: dict[str, list[int]] = {
+    "fmnist_mlp": [3200],
+    "wide_mlp": [3200],
+    "uci_mlp": [512],
+    "cnn": [128],
+}
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table."""
+    head = (
+        "| model | batch | optimiser | median ms | IQR ms | × Adam | peak MB | mem × Adam "
+        "| mem × Adam incl. batch | GGN path |"
+    )
+    out = [head, "|" + "---|" * 10]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['batch']} | {r['optimizer']} | {r['median_ms']:.2f} | "
+            f"{r['iqr_ms']:.2f} | {r['ratio_to_adam']:.2f} | {r['peak_mb']:.1f} | "
+            f"{r['mem_ratio_to_adam']:.2f} | {r['mem_with_batch_ratio_to_adam']:.2f} | "
+            f"{r['ggn_path'] or ''} |"
+        )
+    fc = {(r["model"], r["batch"]): r["fast_over_curvlinops"] for r in rows}
+    out.append("")
+    out.append("| model | batch | fast path / curvlinops back-end (step time) |")
+    out.append("|---|---|---|")
+    for (m, b), v in fc.items():
+        out.append(f"| {m} | {b} | {'' if v is None else f'{v:.2f}'} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=None, help="subset of the default grid")
+    ap.add_argument("--batch-sizes", nargs="*", type=int, default=None)
+    ap.add_argument("--optimizers", nargs="*", default=None, help="labels of OPTIMISERS")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="path prefix for .json and .md output")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    grid = dict(DEFAULT_GRID)
+    if device.type == "cuda":
+        grid["resnet18"] = [128]
+    if args.models:
+        grid = {m: grid.get(m, [128]) for m in args.models}
+    labels = ["torch.optim.Adam"] + [
+        k
+        for k, (p, _) in OPTIMISERS.items()
+        if p in PRESETS and (not args.optimizers or k in args.optimizers)
+    ]
+    rows: list[dict[str, Any]] = []
+    for model_name, sizes in grid.items():
+        for bs in args.batch_sizes or sizes:
+            print(f"== {model_name} batch {bs}", flush=True)
+            rows += bench_case(model_name, bs, labels, args.warmup, args.steps, device)
+    md = to_markdown(rows)
+    print(md)
+    meta = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": args.threads,
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    if args.out:
+        with open(args.out + ".json", "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+        with open(args.out + ".md", "w") as fh:
+            fh.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()

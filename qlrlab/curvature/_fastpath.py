@@ -1,0 +1,558 @@
+r"""Fast GGN path: tangents and :math:`f(\theta - \alpha d)` from the gradient pass's activations.
+
+For a model that is a *chain* of leaf modules :math:`x_0 \to m_1 \to x_1 \to \dots \to m_L \to z`
+(an ``nn.Sequential``, possibly nested, or any ``forward`` that just feeds each leaf's output to
+the next leaf; reshapes by views are allowed), forward hooks installed during the gradient pass
+(:meth:`GGNOracle.gradient_pass <qlrlab.curvature.ggn.GGNOracle.gradient_pass>`) record each
+leaf's input :math:`x_{l-1}` and output :math:`x_l`. The output tangent :math:`u = J d` then
+follows layer by layer without recomputing any forward pass:
+
+=====================  ===========================================================================
+layer                  tangent :math:`u_l` from :math:`u_{l-1}` and the direction :math:`(dW, db)`
+=====================  ===========================================================================
+``Linear``             :math:`u_{l-1} W^\top + x_{l-1}\, dW^\top + db`
+``ConvNd``             :math:`W * u_{l-1} + dW * x_{l-1} + db` (two convolutions)
+``BatchNorm`` (train)  :math:`\gamma\big(\frac{u - \bar u}{s} - \hat x\,\overline{\hat x u}/s\big)
+                       + d\gamma\,\hat x + d\beta` (batch statistics, :math:`s=\sqrt{\sigma^2_B+\epsilon}`)
+``BatchNorm`` (eval)   :math:`\gamma u / s + d\gamma\,\hat x + d\beta` (running statistics)
+``ReLU/Tanh/Sigmoid``  :math:`u \odot \sigma'(x)` from the cached output
+``MaxPoolNd``          :math:`u` gathered at the pooling indices
+other parameter-free   ``torch.func.jvp`` of that module alone
+=====================  ===========================================================================
+
+The first layer's input has no tangent, so it costs a single product. For the extra forward pass
+at :math:`\theta - \alpha d`, every layer before the first optimised one keeps its cached output,
+and the first optimised layer is *affine in its own parameters* at a fixed input, so its new
+output is exactly :math:`x_l - \alpha u_l` with no new matrix product; only later layers are
+recomputed. For the usual MLPs and CNNs the first layer dominates the cost.
+
+The chain is checked while it is recorded (each leaf's input must be the previous leaf's output
+or a view of it, the first input must not require grad, the model's output must be the last
+leaf's output, no cached tensor may be modified in place afterwards); when any check fails the
+oracle falls back to the general ``torch.func`` path for that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.pooling import _MaxPoolNd
+
+__all__ = ["ChainRecorder", "ChainTangents", "Record", "fast_path_unsupported"]
+
+_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+#: parameter-free leaves whose tangent is the input tangent reshaped to the output's shape
+_PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd)
+
+
+@functools.cache
+def _known_param_forwards() -> frozenset[Any]:
+    fwds: set[Any] = {
+        nn.Linear.forward,
+        nn.Conv1d.forward,
+        nn.Conv2d.forward,
+        nn.Conv3d.forward,
+        _BatchNorm.forward,
+    }
+    with contextlib.suppress(Exception):  # the models package is optional here
+        from qlrlab.models.batchnorm import BatchNorm2d
+
+        fwds.add(BatchNorm2d.forward)
+    return frozenset(fwds)
+
+
+def _kind(m: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"``, ``"bn"`` for supported parametrised leaves, else ``None``."""
+    if type(m).forward not in _known_param_forwards():
+        return None
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, _ConvNd) and not m.transposed:
+        return "conv"
+    if isinstance(m, _BatchNorm):
+        return "bn"
+    return None
+
+
+def fast_path_unsupported(model: nn.Module, params: Sequence[Tensor]) -> str | None:
+    """Why the fast path cannot handle ``model`` (``None`` when it can, subject to the run-time
+    chain check).
+
+    Every parameter must be the ``weight``/``bias`` of a ``Linear``, ``Conv1d/2d/3d`` or
+    ``BatchNorm`` leaf; every other leaf must hold neither parameters nor buffers; non-leaf
+    modules must not own parameters directly.
+    """
+    opt_ids = {id(p) for p in params}
+    seen: set[int] = set()
+    for name, m in model.named_modules():
+        own = [p for p in m._parameters.values() if p is not None]
+        has_children = next(m.children(), None) is not None
+        label = name or type(m).__name__
+        if has_children:
+            if own:
+                return f"module {label!r} owns parameters directly and has submodules"
+            continue
+        if own or any(True for _ in m.buffers(recurse=False)):
+            kind = _kind(m)
+            if kind is None:
+                return f"layer {label!r} ({type(m).__name__}) has no fast tangent rule"
+            if set(m._parameters) - {"weight", "bias"}:
+                return f"layer {label!r} has parameters other than weight/bias"
+            if kind != "bn" and any(True for _ in m.buffers(recurse=False)):
+                return f"layer {label!r} has buffers"
+            seen.update(id(p) for p in own)
+    missing = opt_ids - seen
+    if missing:
+        return "some optimised parameters do not belong to a supported leaf module"
+    return None
+
+
+@dataclass
+class Record:
+    """One leaf call of the gradient pass.
+
+    Attributes:
+        module: the leaf module.
+        x: its (detached) input (dropped after the gradient pass when not needed).
+        y: its (detached) output (likewise).
+        view: whether ``x`` is a reshaped view of the previous leaf's output.
+        versions: version counters of ``x`` and ``y`` when recorded.
+        indices: max-pooling indices saved by autograd in the gradient pass, if any.
+        x_shape: shape of ``x``.
+        y_shape: shape of ``y``.
+        relu_from_x: a ReLU whose derivative mask is taken from its input :math:`x > 0`.
+        x_is_relu_of_prev_x: ``x`` was dropped because it is ``relu`` of the previous (ReLU)
+            leaf's kept input; the tangent pass recomputes it (one elementwise op).
+        mask: a ReLU's derivative :math:`y > 0` as booleans (instead of keeping :math:`y`).
+        shift: for the first optimised layer, whether the shifted pass uses
+            :math:`y - \alpha u` (keeping :math:`y` and :math:`u`) instead of recomputing it.
+    """
+
+    module: nn.Module
+    x: Tensor | None
+    y: Tensor | None
+    view: bool
+    versions: tuple[int, int]
+    indices: Tensor | None = None
+    x_shape: tuple[int, ...] = ()
+    y_shape: tuple[int, ...] = ()
+    relu_from_x: bool = False
+    shift: bool = False
+    mask: Tensor | None = None
+    x_is_relu_of_prev_x: bool = False
+
+
+class ChainRecorder:
+    """Forward hooks that record a chain of leaf calls during one gradient pass.
+
+    Args:
+        model: the module that runs the gradient pass.
+        params: the optimised parameters (to decide which activations to keep).
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor] = ()) -> None:
+        self.model = model
+        self._opt_ids = {id(p) for p in params}
+        self._first_optimised: Record | None = None
+        self.records: list[Record] = []
+        self.failure: str | None = "the gradient pass did not run"
+        self._last: Tensor | None = None
+        self._top_calls = 0
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[ChainRecorder]:
+        """Install the hooks for the duration of the context."""
+        handles = []
+        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
+        self.failure = None
+        try:
+            for m in leaves:
+                handles.append(m.register_forward_hook(self._leaf_hook))
+            handles.append(self.model.register_forward_hook(self._top_hook))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._last = None
+            if not self.records and self.failure is None:
+                self.failure = "no leaf module was called"
+            if self._top_calls != 1 and self.failure is None:
+                self.failure = f"the model was called {self._top_calls} times"
+            if self.failure is not None:
+                self.records = []
+            else:
+                self._check_versions()
+
+    def _check_versions(self) -> None:
+        for r in self.records:
+            if (r.x is not None and r.x._version != r.versions[0]) or (
+                r.y is not None and r.y._version != r.versions[1]
+            ):
+                self.failure = "a cached activation was modified in place"
+                self.records = []
+                return
+
+    def _keep_x(self, r: Record, prev: Record | None) -> bool:
+        """Whether the tangent pass reads this leaf's input (decided when it is recorded, so
+        that activations autograd does not save are freed as in a plain forward)."""
+        m = r.module
+        kind = _kind(m)
+        if kind == "bn":
+            return True
+        if kind is not None:
+            if id(m.weight) not in self._opt_ids:
+                return False
+            if (
+                prev is not None
+                and prev.relu_from_x
+                and not r.view
+                and type(prev.module) is nn.ReLU
+            ):
+                r.x_is_relu_of_prev_x = True  # recompute relu(prev.x) instead of keeping it
+                return False
+            return True
+        if isinstance(m, nn.ReLU):
+            # relu(x) > 0 iff x > 0: read the mask from x when the previous output is kept anyway,
+            # else keep the mask as booleans (a quarter of the float output's memory)
+            r.relu_from_x = prev is not None and prev.y is not None and self._needs_y(prev)
+            if not r.relu_from_x:
+                assert r.y is not None
+                r.mask = r.y > 0
+            return r.relu_from_x
+        if isinstance(m, (nn.Tanh, nn.Sigmoid, *_PASS_THROUGH)):
+            return False
+        if isinstance(m, _MaxPoolNd):
+            return r.indices is None
+        return True
+
+    def _needs_y(self, r: Record) -> bool:
+        """Whether this leaf's output is read later (the last leaf's always is)."""
+        m = r.module
+        if r is self._first_optimised and r.shift:
+            return True
+        if isinstance(m, (nn.Tanh, nn.Sigmoid)):
+            return True
+        return False
+
+    def _fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+
+    def _leaf_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if self.failure is not None:
+            return
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
+            self._fail(f"{type(module).__name__} is not a single-tensor layer")
+            return
+        x = args[0]
+        view = False
+        if self._last is None:
+            if x.requires_grad:
+                self._fail("the first layer's input depends on the parameters")
+                return
+        elif x is not self._last:
+            prev = self._last
+            same_storage = (
+                x.numel() == prev.numel()
+                and x.data_ptr() == prev.data_ptr()
+                and x.is_contiguous()
+                and prev.is_contiguous()
+            )
+            if not same_storage:
+                self._fail(f"the input of {type(module).__name__} is not the previous output")
+                return
+            view = True
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            self._fail("dropout is active")
+            return
+        xd, yd = x.detach(), out.detach()
+        idx = None
+        if isinstance(module, _MaxPoolNd) and out.grad_fn is not None:
+            # autograd keeps the argmax indices for the backward pass; reuse them for free
+            idx = getattr(out.grad_fn, "_saved_result1", None)
+            if not isinstance(idx, Tensor) or idx.shape != out.shape or idx.is_floating_point():
+                idx = None
+        rec = Record(module, xd, yd, view, (xd._version, yd._version), idx, xd.shape, yd.shape)
+        if self._first_optimised is None and _kind(module) is not None:
+            w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+            if id(w) in self._opt_ids or id(b) in self._opt_ids:
+                self._first_optimised = rec
+                # y - alpha*u saves this layer's product in the shifted pass but keeps y and u
+                # alive; worth it unless the output is much larger than the input (a first
+                # convolution with few input channels), where recomputing is cheap anyway
+                rec.shift = id(w) not in self._opt_ids or yd.numel() <= 2 * xd.numel()
+        prev = self.records[-1] if self.records else None
+        if prev is not None and not self._needs_y(prev):
+            prev.y = None
+        if not self._keep_x(rec, prev):
+            rec.x = None
+        self.records.append(rec)
+        self._last = out
+
+    def _top_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        self._top_calls += 1
+        if next(module.children(), None) is None:
+            return  # the model is a single leaf: its own leaf hook did the work
+        if out is not self._last:
+            self._fail("the model's output is not its last layer's output")
+
+    def chain(self) -> list[Record] | None:
+        """The validated records, or ``None`` (see :attr:`failure`).
+
+        The versions are checked once more: nothing between the gradient pass and the
+        curvature pass may modify a kept activation in place.
+        """
+        if self.failure is not None:
+            return None
+        for r in self.records:
+            if (r.x is not None and r.x._version != r.versions[0]) or (
+                r.y is not None and r.y._version != r.versions[1]
+            ):
+                self.failure = "a cached activation was modified in place"
+                return None
+        return self.records
+
+
+def _bn_stats(m: _BatchNorm, x: Tensor) -> tuple[Tensor, Tensor, bool, list[int], list[int]]:
+    """(mean, 1/std, batch-stats?, reduction dims, broadcast shape) as the forward used them."""
+    dims = [0, *range(2, x.ndim)]
+    shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
+    batch = m.training or m.running_mean is None
+    if batch:
+        var, mean = torch.var_mean(x, dims, unbiased=False, keepdim=True)
+    else:
+        assert m.running_var is not None
+        mean = m.running_mean.view(shape)
+        var = m.running_var.view(shape)
+    return mean, torch.rsqrt(var + m.eps), batch, dims, shape
+
+
+class ChainTangents:
+    """Tangents and shifted outputs of a recorded chain (used by :class:`qlrlab.curvature.ggn.FastBoundGGN`).
+
+    Args:
+        chain: validated records of the gradient pass.
+        params: the optimised parameters, in order.
+    """
+
+    def __init__(self, chain: list[Record], params: Sequence[Tensor]) -> None:
+        self.chain = chain
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self._key: list[Tensor] | None = None
+        self._first: tuple[int, Tensor] | None = None
+        kinds = []
+        for r in chain:
+            k = _kind(r.module)
+            kinds.append(k if k is not None else "free")
+        self.kinds = kinds
+
+    def _tangent_of(self, p: Tensor | None, v: Sequence[Tensor]) -> Tensor | None:
+        if p is None:
+            return None
+        i = self.index.get(id(p))
+        return None if i is None else v[i]
+
+    def tangent(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Outputs :math:`z` and :math:`u = Jv` from the cached activations."""
+        u: Tensor | None = None
+        owned = False  # whether u (and everything sharing its storage) is ours to overwrite
+        first: tuple[int, Tensor] | None = None
+        for li, (r, kind) in enumerate(zip(self.chain, self.kinds)):
+            m = r.module
+            if u is not None and r.view:
+                u = u.reshape(r.x_shape)
+            if kind == "free":
+                if u is not None:
+                    u = _free_tangent(m, r, u, owned)
+                    owned = owned or not isinstance(m, _PASS_THROUGH)
+                continue
+            w, b = m.weight, m.bias
+            dw, db = self._tangent_of(w, v), self._tangent_of(b, v)
+            if u is None and dw is None and db is None:
+                continue
+            fresh = u is None
+            u = self._param_tangent(kind, m, r, self._input(li), u, dw, db)
+            owned = True
+            if fresh and first is None:
+                first = (li, u)
+                if r.shift:
+                    owned = False  # kept for new_output: must not be overwritten
+        z = self.chain[-1].y
+        assert z is not None
+        self._key = list(v)
+        if first is not None and not self.chain[first[0]].shift:
+            first = (first[0], torch.empty(0))  # only the index is needed
+        self._first = first
+        return z, (torch.zeros_like(z) if u is None else u)
+
+    def _input(self, li: int) -> Tensor | None:
+        """The cached (or recomputed) input of leaf ``li``."""
+        r = self.chain[li]
+        if r.x is None and r.x_is_relu_of_prev_x:
+            px = self.chain[li - 1].x
+            assert px is not None
+            return torch.relu(px)
+        return r.x
+
+    @staticmethod
+    def _param_tangent(
+        kind: str,
+        m: Any,
+        r: Record,
+        x: Tensor | None,
+        u: Tensor | None,
+        dw: Tensor | None,
+        db: Tensor | None,
+    ) -> Tensor:
+        if kind == "bn":
+            assert x is not None
+            mean, invstd, batch, dims, shape = _bn_stats(m, x)
+            xhat = (x - mean) * invstd
+            out: Tensor | None = None
+            if u is not None:
+                if batch:
+                    ux = (u - u.mean(dims, keepdim=True)) - xhat * (xhat * u).mean(
+                        dims, keepdim=True
+                    )
+                    ux = ux * invstd
+                else:
+                    ux = u * invstd
+                out = ux * m.weight.view(shape) if m.weight is not None else ux
+            if dw is not None:
+                t = xhat * dw.view(shape)
+                out = t if out is None else out + t
+            if db is not None:
+                t = db.view(shape)
+                out = t.expand(r.y_shape).contiguous() if out is None else out + t
+            assert out is not None
+            return out
+        lin = F.linear if kind == "linear" else m._conv_forward
+        out = None
+        if u is not None:
+            out = lin(u, m.weight, db)
+            if dw is not None:
+                assert x is not None
+                out = out + lin(x, dw, None)
+        elif dw is not None:
+            assert x is not None
+            out = lin(x, dw, db)
+        else:
+            assert db is not None
+            shape = [1, -1] + [1] * (len(r.y_shape) - 2) if kind == "conv" else [-1]
+            out = db.view(shape).expand(r.y_shape).contiguous()
+        return out
+
+    def new_output(self, alpha: Tensor | float, v: Sequence[Tensor]) -> Tensor | None:
+        """Outputs at :math:`\\theta - \\alpha v` (``None`` when ``v`` is not the last tangent's)."""
+        if self._key is None or len(self._key) != len(v):
+            return None
+        if any(a is not b for a, b in zip(self._key, v)):
+            return None
+        xn: Tensor | None = None
+        first = self._first
+        for li, (r, kind) in enumerate(zip(self.chain, self.kinds)):
+            m = r.module
+            if xn is None:
+                if first is None or li != first[0]:
+                    continue
+                if r.shift:
+                    assert r.y is not None
+                    xn = r.y - alpha * first[1]
+                    self._first = first = None  # free the cached tangent early
+                    continue
+                xn = self._input(li)  # recompute the first optimised layer from its input
+                assert xn is not None
+            elif r.view:
+                xn = xn.reshape(r.x_shape)
+            if kind == "free":
+                xn = _free_forward(m, xn)
+                continue
+            w = m.weight
+            b = m.bias
+            dw, db = self._tangent_of(w, v), self._tangent_of(b, v)
+            if dw is not None:
+                w = w - alpha * dw
+            if db is not None:
+                b = b - alpha * db
+            if kind == "linear":
+                xn = F.linear(xn, w, b)
+            elif kind == "conv":
+                xn = m._conv_forward(xn, w, b)
+            else:
+                batch = m.training or m.running_mean is None
+                xn = F.batch_norm(
+                    xn,
+                    None if batch else m.running_mean,
+                    None if batch else m.running_var,
+                    w,
+                    b,
+                    batch,
+                    0.0,
+                    m.eps,
+                )
+        self._key = None
+        return self.chain[-1].y if xn is None else xn
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _free_forward(m: nn.Module, x: Tensor) -> Tensor:
+    """A parameter-free leaf's forward on a tensor the shifted pass owns: ReLU in place, and
+    non-overlapping 2-d max-pooling as strided maxima (the same values, several times faster than
+    ``max_pool2d`` on CPU)."""
+    if type(m) is nn.ReLU:
+        return torch.relu_(x)
+    if isinstance(m, nn.MaxPool2d) and x.ndim == 4 and not m.return_indices and not m.ceil_mode:
+        k = _pair(m.kernel_size)
+        st = _pair(m.stride if m.stride is not None else m.kernel_size)
+        if k == st and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1):
+            ho, wo = x.shape[2] // k[0], x.shape[3] // k[1]
+            out: Tensor | None = None
+            for i in range(k[0]):
+                for j in range(k[1]):
+                    s = x[:, :, i : i + k[0] * ho : k[0], j : j + k[1] * wo : k[1]]
+                    out = s if out is None else torch.maximum(out, s)
+            assert out is not None
+            return out
+    return m(x)
+
+
+def _free_tangent(m: nn.Module, r: Record, u: Tensor, owned: bool) -> Tensor:
+    """Tangent through a parameter-free leaf (``owned``: ``u`` may be overwritten)."""
+    if isinstance(m, nn.ReLU):
+        if r.mask is not None:
+            mask = r.mask
+        else:
+            src = r.x if r.relu_from_x else r.y
+            assert src is not None
+            mask = src > 0
+        return u.mul_(mask) if owned else u * mask
+    if isinstance(m, nn.Tanh):
+        assert r.y is not None
+        return u * (1 - r.y * r.y)
+    if isinstance(m, nn.Sigmoid):
+        assert r.y is not None
+        return u * (r.y * (1 - r.y))
+    if isinstance(m, _PASS_THROUGH):
+        return u.reshape(r.y_shape)
+    if isinstance(m, _MaxPoolNd) and not m.return_indices and len(r.y_shape) == len(r.x_shape) >= 3:
+        idx = r.indices
+        pool = _MAXPOOL.get(len(r.x_shape) - 2)
+        if idx is None and pool is not None and r.x is not None:
+            _, idx = pool(r.x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+        if idx is not None:
+            return u.flatten(2).gather(2, idx.flatten(2)).view(r.y_shape)
+    assert r.x is not None
+    _, t = torch.func.jvp(m, (r.x,), (u,))
+    return t

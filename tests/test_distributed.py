@@ -1,0 +1,128 @@
+"""Two gloo workers with half the batch each take exactly the single-process step."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from qlrlab.distributed import (
+    all_reduce_mean,
+    build_distributed_optimizer,
+    init_from_env,
+    is_distributed,
+    shard,
+)
+from qlrlab.losses import HalfMSELoss
+
+STEPS = 4
+KEYS = ("loss", "alpha", "damping", "rho", "new_loss", "curvature", "grad_dot_direction")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _problem(kind: str) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if kind == "ce":
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+        lf: nn.Module = nn.CrossEntropyLoss()
+    else:
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+        x, y = torch.randn(32, 6, generator=g), torch.randn(32, 1, generator=g)
+        lf = HalfMSELoss()
+    return model.double(), lf, (x.double(), y.double() if y.is_floating_point() else y)
+
+
+def _spec(backend: str) -> dict:
+    return {
+        "direction": {"name": "adam"},
+        "curvature": {"name": "ggn", "backend": backend},
+        "step_size": {"name": "quadratic"},
+        "damping": {"name": "levenberg_marquardt", "initial": 1e-3},
+        "track_rho": True,
+    }
+
+
+def _run(opt, batch) -> list[dict]:
+    return [{k: getattr(opt.step(batch), k) for k in KEYS} for _ in range(STEPS)]
+
+
+CASES = [("ce", "own", False), ("halfmse", "jvp", False), ("ce", "own", True)]
+
+
+def _worker(rank: int, world: int, port: int, out) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.set_num_threads(1)
+        res = []
+        for kind, backend, ddp in CASES:
+            model, lf, batch = _problem(kind)
+            net = nn.parallel.DistributedDataParallel(model) if ddp else model
+            opt = build_distributed_optimizer(_spec(backend), net, lf)
+            infos = _run(opt, shard(batch))
+            params = [p.detach().tolist() for p in model.parameters()]  # plain data
+            res.append((infos, params, opt.curvature.last_path))
+        out.put((rank, res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_match_one_process() -> None:
+    """AdamQLR (fast path, general path, DDP-wrapped model) with 2 gloo workers × half batch."""
+    from qlrlab import build_optimizer
+
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    refs = []  # single-process references while the workers start
+    for kind, backend, _ in CASES:
+        model, lf, batch = _problem(kind)
+        opt = build_optimizer(_spec(backend), model, lf)
+        refs.append((_run(opt, batch), [p.detach().clone() for p in model.parameters()]))
+    results = dict(q.get() for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for ci, (ref, ref_params) in enumerate(refs):
+        per_rank = []
+        for rank in (0, 1):
+            infos, params, path = results[rank][ci]
+            assert path == ("jvp" if CASES[ci][1] == "jvp" else "fast"), CASES[ci]
+            params = [torch.tensor(t, dtype=torch.float64) for t in params]
+            for a, b in zip(infos, ref):
+                for k in KEYS:
+                    assert a[k] == pytest.approx(b[k], rel=1e-10, abs=1e-13), (CASES[ci], k)
+            for pw, pr in zip(params, ref_params):
+                torch.testing.assert_close(pw, pr, rtol=1e-10, atol=1e-12)
+            per_rank.append((infos, params))
+        # identical on both workers, bit for bit
+        assert per_rank[0][0] == per_rank[1][0]
+        assert all(torch.equal(a, b) for a, b in zip(per_rank[0][1], per_rank[1][1]))
+
+
+def test_single_process_helpers_are_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = init_from_env(device="cpu")
+    assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
+    assert not is_distributed()
+    t = torch.tensor(3.0)
+    assert all_reduce_mean(t) is t
+    x = torch.arange(6)
+    assert torch.equal(shard(x, 1, 2), torch.tensor([3, 4, 5]))
+    with pytest.raises(ValueError, match="evenly"):
+        shard(torch.arange(5), 0, 2)
