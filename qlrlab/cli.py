@@ -201,11 +201,19 @@ def _finish(result: Any, out: Path, args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from qlrlab.distributed import init_from_env
     from qlrlab.engine.ablation import execute_planned, preflight, prepare_output
     from qlrlab.engine.specs import PlannedRun, resolve_run, run_hash
 
     spec = resolve_run(args.spec, args.overrides)
+    # under torchrun: join the process group (gloo on CPU, NCCL on GPUs); a no-op otherwise
+    dist_info = init_from_env(device="cpu" if spec.device == "cpu" else None)
     out = _out_dir(args, spec)
+    if not dist_info.is_main:  # under torchrun only rank 0 writes results and reports
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix=f"qlrlab-rank{dist_info.rank}-"))
+        args.quiet, args.no_report = True, True
     preflight([spec])
     store = prepare_output(out, resume=args.resume, overwrite=args.overwrite, kind="run")
     labels = {"kind": "run", "task": spec.task["name"], "variant": spec.name, "seed": spec.seed}

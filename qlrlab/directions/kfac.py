@@ -258,7 +258,13 @@ class KFACDirection(DirectionProvider):
 
     @torch.no_grad()
     def compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
-        """Average the fresh factors, refresh the inverses if due, return :math:`d = F^{-1} g`."""
+        """Average the fresh factors, refresh the inverses if due, return :math:`d = F^{-1} g`.
+
+        Under data parallelism the fresh factors are first averaged over the workers with
+        ``ctx.all_reduce`` (each worker's factors are means over its equal share of the batch),
+        and the inverses are then computed redundantly on every worker: identical inputs give
+        identical inverses, with no extra communication.
+        """
         assert self.twin is not None, "setup() was not called"
         fresh = self.twin.collect()
         if not fresh and any(lay.kind == "kfac" for lay in self.twin.layers):
@@ -266,6 +272,11 @@ class KFACDirection(DirectionProvider):
                 "kfac: no BackPACK factors from the gradient pass; compute() must follow the "
                 "optimiser's gradient pass (ComposedOptimizer.step does this)"
             )
+        if ctx.all_reduce is not None:  # data parallel: average the workers' batch statistics
+            fresh = {
+                i: [ctx.all_reduce(t) for t in (v if isinstance(v, list) else [v])]
+                for i, v in fresh.items()
+            }
         self.step += 1
         self._update_factors(fresh)
         due = (self.step - 1) % self.spec.inverse_period == 0

@@ -229,7 +229,13 @@ def execute_run(
     torch.manual_seed(spec.seed)
     task = spec.task_spec().build(device, dtype)
     model, loss_fn = task.model, task.loss_fn
-    optimizer = qlrlab.build_optimizer(spec.optimizer_spec(), model, loss_fn)
+    world = _world_size()
+    if world > 1:
+        from qlrlab.distributed import build_distributed_optimizer
+
+        optimizer = build_distributed_optimizer(spec.optimizer_spec(), model, loss_fn)
+    else:
+        optimizer = qlrlab.build_optimizer(spec.optimizer_spec(), model, loss_fn)
     batch_size = spec.batch_size or int(task.default_batch_size)
     steps_per_epoch = task.steps_per_epoch(batch_size)
     max_steps, max_seconds = _budget_steps(spec, task, batch_size)
@@ -331,7 +337,7 @@ def execute_run(
                     break
                 if max_seconds is not None:
                     used = now_wall() if spec.budget.count_eval_time else train_time
-                    if used >= max_seconds:
+                    if _any_worker(used >= max_seconds, world):
                         stop_reason = "seconds"
                         break
                 t0 = time.perf_counter()
@@ -348,6 +354,8 @@ def execute_run(
                     batch_in_epoch = 0
                     continue
                 model.train()
+                if world > 1:
+                    batch = local_share(batch, world)
                 info = optimizer.step(batch)
                 sync()
                 train_time += time.perf_counter() - t0
@@ -439,6 +447,57 @@ def execute_run(
     with contextlib.suppress(FileNotFoundError):
         ckpt_path.unlink()
     return RunResult(hash=h, status=status, summary=summary)
+
+
+def _world_size() -> int:
+    from qlrlab.distributed import is_distributed
+
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def _any_worker(flag: bool, world: int) -> bool:
+    """``flag`` OR-ed over the workers, so that every worker stops at the same step."""
+    if world <= 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def local_share(batch: Any, world: int) -> Any:
+    """This worker's equal, contiguous share of a global batch (data parallelism).
+
+    Every tensor of ``(inputs, targets)`` is split along its first dimension into ``world``
+    equal chunks. Tensors whose first dimension is a multiple of the batch size (PTB's flattened
+    ``[B·L]`` targets) split consistently with the ``[B, L]`` inputs. A batch that does not
+    divide evenly is trimmed to the largest multiple of ``world`` (at most ``world − 1``
+    examples dropped), because the average of unequal per-worker means is not the batch mean.
+
+    Raises:
+        SpecError: the batch is smaller than the number of workers.
+    """
+    from qlrlab.distributed import shard
+
+    inputs, targets = batch
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    n = int(first.shape[0])
+    keep = (n // world) * world
+    if keep == 0:
+        raise SpecError(
+            f"a batch of {n} cannot be split over {world} workers",
+            field="batch_size",
+            fix=f"use batch_size >= {world} (the number of torchrun processes)",
+        )
+    if keep != n:
+
+        def trim(t: Any) -> Any:
+            if isinstance(t, (tuple, list)):
+                return type(t)(trim(u) for u in t)
+            per = int(t.shape[0]) // n
+            return t[: keep * per]
+
+        inputs, targets = trim(inputs), trim(targets)
+    return shard((inputs, targets))
 
 
 def _last_finite(df: pd.DataFrame, col: str) -> float | None:
