@@ -280,11 +280,20 @@ def _plot_groups(
         if band is None:
             continue
         grid, med, se = band
+        lower, upper = med - se, med + se
+        if logy:
+            # on a log axis the band is the bootstrap SE of the median of log-values,
+            # exp(log med ± se_log): multiplicative, and positive by construction
+            logs = [_curve(f, x, y) for f in frames]
+            logs = [(cx, np.log(cy)) for cx, cy in logs if len(cy) and bool(np.all(cy > 0))]
+            log_band = _median_band(logs) if len(logs) == len(frames) else None
+            if log_band is not None:
+                _, lmed, lse = log_band
+                lower, upper = np.exp(lmed - lse), np.exp(lmed + lse)
+            else:
+                lower = np.where(lower > 0, lower, np.nan)
         (line,) = ax.plot(grid, med, label=label, lw=1.3)
-        lower = med - se
-        if logy:  # keep the band visible on a log axis
-            lower = np.where(lower > 0, lower, med / 10)
-        ax.fill_between(grid, lower, med + se, color=line.get_color(), alpha=0.25, lw=0)
+        ax.fill_between(grid, lower, upper, color=line.get_color(), alpha=0.25, lw=0)
         drawn = True
     if drawn and logy:
         ys = [c for _, fr in groups for f in fr for c in _curve(f, x, y)[1]]
