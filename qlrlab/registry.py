@@ -151,6 +151,10 @@ class Registry(Generic[S]):
 
 
 DIRECTIONS: Registry[ComponentSpec] = Registry("direction")
+"""Direction providers (:class:`qlrlab.interfaces.DirectionProvider`), by spec name."""
 CURVATURES: Registry[ComponentSpec] = Registry("curvature")
+"""Curvature oracles (:class:`qlrlab.interfaces.CurvatureOracle`), by spec name."""
 STEP_SIZES: Registry[ComponentSpec] = Registry("step_size")
+"""Step-size rules (:class:`qlrlab.interfaces.StepSizeRule`), by spec name."""
 DAMPINGS: Registry[ComponentSpec] = Registry("damping")
+"""Damping schedules (:class:`qlrlab.interfaces.DampingSchedule`), by spec name."""

@@ -6,8 +6,6 @@ vector, with the GGN formed densely from full Jacobians.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -20,8 +18,9 @@ from tests._reference import flat_params, unflatten
 D = torch.float64
 
 
-def reference_adamqlr(model, loss_fn, batches, lam0=1e-3, dec=0.5, inc=2.0, curvature="ggn",
-                      clip=None, steps=None):
+def reference_adamqlr(
+    model, loss_fn, batches, lam0=1e-3, dec=0.5, inc=2.0, curvature="ggn", clip=None, steps=None
+):
     names, shapes, theta = flat_params(model)
     m = torch.zeros_like(theta)
     v = torch.zeros_like(theta)
@@ -29,6 +28,7 @@ def reference_adamqlr(model, loss_fn, batches, lam0=1e-3, dec=0.5, inc=2.0, curv
     b1, b2, eps = 0.9, 0.999, 1e-8
     out = []
     for t, (x, y) in enumerate(batches, start=1):
+
         def out_fn(th, x=x):
             return functional_call(model, unflatten(th, names, shapes), (x,))
 
@@ -70,7 +70,9 @@ def _regression():
     model = nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 1)).to(D)
     X = torch.randn(64, 3, dtype=D)
     Y = (X[:, :1] ** 2 - X[:, 1:2]).to(D)
-    batches = [(X[i % 4 * 16:(i % 4 + 1) * 16], Y[i % 4 * 16:(i % 4 + 1) * 16]) for i in range(30)]
+    batches = [
+        (X[i % 4 * 16 : (i % 4 + 1) * 16], Y[i % 4 * 16 : (i % 4 + 1) * 16]) for i in range(30)
+    ]
     return model, HalfMSELoss(), batches
 
 
@@ -79,14 +81,20 @@ def _classification():
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).to(D)
     X = torch.randn(40, 5, dtype=D)
     Y = (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0).long()
-    batches = [(X[i % 2 * 20:(i % 2 + 1) * 20], Y[i % 2 * 20:(i % 2 + 1) * 20]) for i in range(30)]
+    batches = [
+        (X[i % 2 * 20 : (i % 2 + 1) * 20], Y[i % 2 * 20 : (i % 2 + 1) * 20]) for i in range(30)
+    ]
     return model, nn.CrossEntropyLoss(), batches
 
 
 @pytest.mark.parametrize("problem", [_regression, _classification])
 @pytest.mark.parametrize(
     "preset,kw",
-    [("adamqlr", {}), ("adamqlr_hessian", {"curvature": "hessian"}), ("adamqlr_v1ish", {"clip": 0.05})],
+    [
+        ("adamqlr", {}),
+        ("adamqlr_hessian", {"curvature": "hessian"}),
+        ("adamqlr_v1ish", {"clip": 0.05}),
+    ],
 )
 def test_adamqlr_matches_reference(problem, preset, kw) -> None:
     model, loss_fn, batches = problem()

@@ -15,14 +15,17 @@ def _problem(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module, 
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
     loss_fn = nn.CrossEntropyLoss()
-    batches = [
-        (torch.randn(20, 6, dtype=dtype), torch.randint(0, 4, (20,))) for _ in range(40)
-    ]
+    batches = [(torch.randn(20, 6, dtype=dtype), torch.randint(0, 4, (20,))) for _ in range(40)]
     return model, loss_fn, batches
 
 
-def _run_torch(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, batches: list,
-               sched: object | None = None) -> list[float]:
+def _run_torch(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: list,
+    sched: object | None = None,
+) -> list[float]:
     losses = []
     for x, y in batches:
         opt.zero_grad()
@@ -35,8 +38,9 @@ def _run_torch(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer,
     return losses
 
 
-def _run_ours(model: nn.Module, loss_fn: nn.Module, spec: dict, batches: list,
-              sched_fn: object | None = None) -> list[float]:
+def _run_ours(
+    model: nn.Module, loss_fn: nn.Module, spec: dict, batches: list, sched_fn: object | None = None
+) -> list[float]:
     opt = qlrlab.build_optimizer(spec, model, loss_fn)
     sched = sched_fn(opt) if sched_fn is not None else None
     losses = []
@@ -49,7 +53,9 @@ def _run_ours(model: nn.Module, loss_fn: nn.Module, spec: dict, batches: list,
     return losses
 
 
-def _assert_same(m1: nn.Module, m2: nn.Module, l1: list[float], l2: list[float], tol: float) -> None:
+def _assert_same(
+    m1: nn.Module, m2: nn.Module, l1: list[float], l2: list[float], tol: float
+) -> None:
     assert l1 == pytest.approx(l2, rel=tol, abs=tol)
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol)
@@ -61,13 +67,20 @@ def test_adam_fixed_equals_torch_adam(weight_decay: float, dtype: torch.dtype, t
     model, loss_fn, batches = _problem(dtype)
     ref = copy.deepcopy(model)
     kw = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": weight_decay}
-    torch_opt = torch.optim.AdamW(ref.parameters(), **kw) if weight_decay else torch.optim.Adam(
-        ref.parameters(), **kw
+    torch_opt = (
+        torch.optim.AdamW(ref.parameters(), **kw)
+        if weight_decay
+        else torch.optim.Adam(ref.parameters(), **kw)
     )
     l_ref = _run_torch(ref, loss_fn, torch_opt, batches)
     spec = {
-        "direction": {"name": "adam", "beta1": 0.8, "beta2": 0.99, "eps": 1e-7,
-                      "weight_decay": weight_decay},
+        "direction": {
+            "name": "adam",
+            "beta1": 0.8,
+            "beta2": 0.99,
+            "eps": 1e-7,
+            "weight_decay": weight_decay,
+        },
         "step_size": {"name": "fixed", "lr": 3e-3},
     }
     l_ours = _run_ours(model, loss_fn, spec, batches)
@@ -89,7 +102,9 @@ def test_sgd_fixed_equals_torch_sgd(kw: dict) -> None:
     ref = copy.deepcopy(model)
     l_ref = _run_torch(ref, loss_fn, torch.optim.SGD(ref.parameters(), lr=0.05, **kw), batches)
     l_ours = _run_ours(
-        model, loss_fn, {"direction": {"name": "sgd", **kw}, "step_size": {"name": "fixed", "lr": 0.05}},
+        model,
+        loss_fn,
+        {"direction": {"name": "sgd", **kw}, "step_size": {"name": "fixed", "lr": 0.05}},
         batches,
     )
     _assert_same(model, ref, l_ours, l_ref, 1e-12)
@@ -99,11 +114,19 @@ def test_fixed_step_follows_lr_scheduler() -> None:
     model, loss_fn, batches = _problem()
     ref = copy.deepcopy(model)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    l_ref = _run_torch(ref, loss_fn, opt_ref, batches,
-                       torch.optim.lr_scheduler.StepLR(opt_ref, step_size=5, gamma=0.5))
+    l_ref = _run_torch(
+        ref,
+        loss_fn,
+        opt_ref,
+        batches,
+        torch.optim.lr_scheduler.StepLR(opt_ref, step_size=5, gamma=0.5),
+    )
     l_ours = _run_ours(
-        model, loss_fn, {"direction": {"name": "adam"}, "step_size": {"name": "fixed", "lr": 1e-2}},
-        batches, lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
+        model,
+        loss_fn,
+        {"direction": {"name": "adam"}, "step_size": {"name": "fixed", "lr": 1e-2}},
+        batches,
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
     )
     _assert_same(model, ref, l_ours, l_ref, 1e-12)
 

@@ -89,7 +89,9 @@ def test_own_backend_matches_curvlinops(kind: str, loss: str, spec_cls: type) ->
     own = spec_cls(backend="own").build().bind(problem)
     ref = spec_cls(backend="curvlinops").build().bind(problem)
     torch.testing.assert_close(own.quadratic_form(d), ref.quadratic_form(d), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(to_flat(own.matvec(v)), to_flat(ref.matvec(v)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        to_flat(own.matvec(v)), to_flat(ref.matvec(v)), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_mse_scaling_convention() -> None:

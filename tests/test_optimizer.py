@@ -17,9 +17,7 @@ from qlrlab.losses import HalfMSELoss
 
 def _bn_model(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(2)
-    return nn.Sequential(
-        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)
-    ).to(dtype)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
 
 
 def _batch(dtype: torch.dtype = torch.float32, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +249,7 @@ def test_unknown_top_level_key_rejected() -> None:
 def test_unknown_component_lists_registered_names() -> None:
     spec = _base()
     spec["damping"] = {"name": "lm"}
-    with pytest.raises(ValidationError, match="registered: .*constant.*levenberg_marquardt"):
+    with pytest.raises(ValidationError, match=r"registered: .*constant.*levenberg_marquardt"):
         qlrlab.OptimizerSpec.model_validate(spec)
 
 
@@ -290,14 +288,28 @@ def test_issue_example_api() -> None:
             "direction": {"name": "adam", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
             "curvature": {"name": "ggn"},
             "step_size": {"name": "quadratic"},
-            "damping": {"name": "levenberg_marquardt", "initial": 1e-3, "decrease": 0.5,
-                        "increase": 2.0},
+            "damping": {
+                "name": "levenberg_marquardt",
+                "initial": 1e-3,
+                "decrease": 0.5,
+                "increase": 2.0,
+            },
         }
     )
     opt = qlrlab.build_optimizer(spec, model, nn.CrossEntropyLoss())
     info = opt.step((torch.randn(10, 4), torch.randint(0, 3, (10,))))
-    for field in ("loss", "alpha", "damping", "rho", "grad_dot_direction", "curvature",
-                  "predicted_change", "new_loss", "grad_norm", "direction_norm"):
+    for field in (
+        "loss",
+        "alpha",
+        "damping",
+        "rho",
+        "grad_dot_direction",
+        "curvature",
+        "predicted_change",
+        "new_loss",
+        "grad_norm",
+        "direction_norm",
+    ):
         assert isinstance(getattr(info, field), float), field
     # ΔM is the damped model change of the step taken, and ρ its ratio
     lam0 = 1e-3

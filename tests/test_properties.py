@@ -34,16 +34,21 @@ class _Residual(nn.Module):
     curvature=st.sampled_from(["ggn", "hessian"]),
     direction=st.sampled_from(["adam", "sgd"]),
 )
-def test_quadratic_step_lands_on_line_minimiser(seed: int, n: int, curvature: str,
-                                                direction: str) -> None:
+def test_quadratic_step_lands_on_line_minimiser(
+    seed: int, n: int, curvature: str, direction: str
+) -> None:
     g = torch.Generator().manual_seed(seed)
     m = n + 2
     L = torch.randn(m, n, generator=g, dtype=torch.float64)
     c = torch.randn(m, generator=g, dtype=torch.float64)
     model = _Residual(L, c, torch.randn(n, generator=g, dtype=torch.float64))
     spec = qlrlab.OptimizerSpec.model_validate(
-        {"direction": {"name": direction}, "curvature": {"name": curvature},
-         "step_size": {"name": "quadratic"}, "damping": {"name": "constant", "value": 0.0}}
+        {
+            "direction": {"name": direction},
+            "curvature": {"name": curvature},
+            "step_size": {"name": "quadratic"},
+            "damping": {"name": "constant", "value": 0.0},
+        }
     )
     opt = qlrlab.build_optimizer(spec, model, HalfMSELoss())
     x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, m, dtype=torch.float64)
@@ -80,8 +85,14 @@ def test_quadratic_step_lands_on_line_minimiser(seed: int, n: int, curvature: st
 def test_damping_stays_within_bounds_and_moves_the_right_way(
     initial, decrease, increase, floor, ceiling, nan_policy, rhos, failures
 ) -> None:
-    spec = LevenbergMarquardtSpec(initial=initial, decrease=decrease, increase=increase,
-                                  min_damping=floor, max_damping=ceiling, nan_policy=nan_policy)
+    spec = LevenbergMarquardtSpec(
+        initial=initial,
+        decrease=decrease,
+        increase=increase,
+        min_damping=floor,
+        max_damping=ceiling,
+        nan_policy=nan_policy,
+    )
     lm = LevenbergMarquardt(spec)
     hi = math.inf if ceiling is None else ceiling
     assert floor <= lm.value <= hi
@@ -89,7 +100,9 @@ def test_damping_stays_within_bounds_and_moves_the_right_way(
         before = lm.value
         if step <= len(failures) and failures[step - 1]:
             lm.on_nonfinite()
-            assert lm.value == min(before * increase, hi) or lm.value == max(floor, min(before * increase, hi))
+            assert lm.value == min(before * increase, hi) or lm.value == max(
+                floor, min(before * increase, hi)
+            )
         else:
             assert lm.update(rho=rho, loss=1.0, new_loss=1.0, step=step) is True
             after = lm.value

@@ -109,3 +109,4 @@ class Task(ABC):
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
+"""Task specs (:class:`TaskSpec` subclasses) by name; ``qlrlab tasks`` lists them."""
