@@ -47,6 +47,15 @@ def _common(p: argparse.ArgumentParser, *, runs: bool = True) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="delete previous results in the output directory"
     )
+    p.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE|FILE.py",
+        help="import a module that registers your own components before reading the spec "
+        "(repeatable; worker processes import it too)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots")
 
@@ -381,6 +390,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         parser.error("--resume and --overwrite exclude each other")
     try:
+        if getattr(args, "plugins", None):
+            from qlrlab.plugins import PluginError, load_plugins
+
+            try:
+                load_plugins(args.plugins)
+            except PluginError as exc:
+                print(f"error: --plugin: {exc}", file=sys.stderr)
+                return EXIT_BAD_INPUT
         return _COMMANDS[args.command](args)
     except SpecError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)

@@ -116,3 +116,39 @@ def test_example_ablation_runs_and_reports(mh, tmp_path, capsys):
     assert len(runs) == 4 and set(runs["variant"]) == set(data["variants"])
     assert (runs["status"] != "failed").all()
     assert (out / "report" / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_cli_ablation_with_plugin_runs_in_spawned_workers(tmp_path) -> None:
+    """`qlrlab ablate ... --plugin my_heuristics.py --workers 2` in a fresh process: the user's
+    components exist in the spawned workers; without the plugin the spec is rejected before any
+    run starts (exit 2), and an unimportable plugin is bad input too."""
+    import json
+    import os
+    import subprocess
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_heuristic"
+    env = {k: v for k, v in os.environ.items() if k != "QLRLAB_PLUGINS"}
+    common = [sys.executable, "-m", "qlrlab", "ablate", str(example / "ablation.yaml"),
+              "--set", "base.budget.steps=10", "--set", "repeats=1", "--no-report", "-q"]  # fmt: skip
+
+    def qlrlab_cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*common, *extra], capture_output=True, text=True, timeout=300, env=env
+        )
+
+    bare = qlrlab_cli("--out", str(tmp_path / "none"))
+    assert bare.returncode == 2, bare.stderr
+    assert "capped_quadratic" in bare.stderr and "registered" in bare.stderr
+    assert not list((tmp_path / "none").glob("runs/*/summary.json"))
+
+    out = tmp_path / "with"
+    ok = qlrlab_cli(
+        "--out", str(out), "--workers", "2", "--plugin", str(example / "my_heuristics.py")
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in out.glob("runs/*/summary.json")]
+    assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
+
+    missing = qlrlab_cli("--plugin", "no_such_plugin_module")
+    assert missing.returncode == 2 and "no_such_plugin_module" in missing.stderr

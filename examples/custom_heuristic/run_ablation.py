@@ -1,6 +1,6 @@
 """Run the custom-heuristic ablation: ``python examples/custom_heuristic/run_ablation.py``.
 
-Imports ``my_heuristics`` (registering ``capped_quadratic`` and ``smooth_rho``), loads
+Loads ``my_heuristics`` as a plugin (registering ``capped_quadratic`` and ``smooth_rho``), loads
 ``ablation.yaml`` next to this file, runs it with the experiment engine's Python API and
 prints the summary table; the report (table and plots) goes to the output directory.
 
@@ -16,12 +16,7 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import my_heuristics  # noqa: E402, F401  (registers the two components)
-
-from qlrlab.engine import (  # noqa: E402
+from qlrlab.engine import (
     AblationSpec,
     build_report,
     collect_runs,
@@ -29,6 +24,12 @@ from qlrlab.engine import (  # noqa: E402
     run_ablation,
     summary_table,
 )
+from qlrlab.plugins import load_plugins
+
+HERE = Path(__file__).resolve().parent
+# registers capped_quadratic and smooth_rho here, and (through QLRLAB_PLUGINS) in the worker
+# processes the ablation spawns -- the same as `qlrlab ablate ... --plugin my_heuristics.py`
+load_plugins([str(HERE / "my_heuristics.py")])
 
 
 def main(argv: list[str] | None = None) -> int:

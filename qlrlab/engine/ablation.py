@@ -8,6 +8,7 @@ their checkpoint when there is one), and a run that fails or diverges never stop
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import threading
@@ -154,6 +155,9 @@ def _worker(spec_json: dict[str, Any], root: str, labels: dict[str, Any], thread
     """Run one spec in a worker process; returns ``(hash, status, error)``."""
     import torch
 
+    from qlrlab.plugins import load_plugins_from_env
+
+    load_plugins_from_env()  # the user's own components (--plugin) exist here too
     torch.set_num_threads(max(1, threads))
     spec = RunSpec.model_validate(spec_json)
     _IN_RUN.set()
@@ -162,6 +166,14 @@ def _worker(spec_json: dict[str, Any], root: str, labels: dict[str, Any], thread
     finally:
         _IN_RUN.clear()
     return res.hash, res.status, res.summary.get("error")
+
+
+def _plugin_runtime_env() -> dict[str, Any] | None:
+    """Ray runtime environment that makes workers import the ``--plugin`` modules."""
+    from qlrlab.plugins import ENV_VAR
+
+    plugins = os.environ.get(ENV_VAR)
+    return {"env_vars": {ENV_VAR: plugins}} if plugins else None
 
 
 def _use_bars(quiet: bool) -> bool:
@@ -285,7 +297,12 @@ def _run_ray(
         ) from None
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=_plugin_runtime_env(),
+        )
         started = True
     try:
         remote = ray.remote(num_cpus=threads)(_worker)

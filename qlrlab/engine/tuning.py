@@ -305,6 +305,9 @@ def _ray_trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Ray Tune function trainable: one trial = one run, reporting at each evaluation."""
     from ray import tune
 
+    from qlrlab.plugins import load_plugins_from_env
+
+    load_plugins_from_env()
     spec = TuneSpec.model_validate(ctx["spec"])
     params = {key: config[f"p{i}"] for i, key in enumerate(ctx["keys"])}
     run = apply_overrides(ctx["base"], spec.params_to_overrides(params))
@@ -381,7 +384,14 @@ def _tune_ray(
     }
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        from qlrlab.engine.ablation import _plugin_runtime_env
+
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=_plugin_runtime_env(),
+        )
         started = True
     try:
         trainable = tune.with_resources(tune.with_parameters(_ray_trainable, ctx=ctx), {"cpu": 1})
