@@ -167,3 +167,21 @@ def test_report_requires_index_and_confines_paths(tmp_path):
         confined(tmp_path, "..", "elsewhere")
     with pytest.raises(ValueError):
         RunStore(tmp_path).run_dir("../x")
+
+
+def test_tensorboard_logs_what_the_metrics_file_holds(tmp_path):
+    """tensorboard: true writes every logged scalar (train loss, α, λ, ρ, evaluations) at its
+    step; the flag is not part of the run's identity."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec, store, res = _run(tmp_path, tensorboard=True)
+    assert run_hash(spec) == run_hash(RunSpec.model_validate(BASE))
+    df = store.metrics(res.hash)
+    (event_dir,) = list(tmp_path.glob("runs/*/tensorboard"))
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    for tag in ("loss", "alpha", "damping", "rho", "test_loss", "val_loss"):
+        events = acc.Scalars(tag)
+        logged = df[["step", tag]].dropna()
+        assert [e.step for e in events] == logged["step"].tolist(), tag
+        np.testing.assert_allclose([e.value for e in events], logged[tag], rtol=1e-6)

@@ -63,10 +63,20 @@ def preflight(specs: Sequence[RunSpec]) -> None:
     (which also performs any download once, not in every worker).
 
     Raises:
-        SpecError: a dataset file is missing or unreadable, naming the file and the fix.
+        SpecError: a dataset file is missing or unreadable, naming the file and the fix; or
+            ``tensorboard: true`` without the tensorboard package.
     """
     import json
 
+    if any(spec.tensorboard for spec in specs):
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise SpecError(
+                "tensorboard: true needs the tensorboard package, which is not installed",
+                field="tensorboard",
+                fix="pip install 'qlrlab[tensorboard]', or set tensorboard: false",
+            )
     seen: set[str] = set()
     for spec in specs:
         key = json.dumps(spec.task, sort_keys=True)

@@ -263,6 +263,8 @@ def execute_run(
         with contextlib.suppress(FileNotFoundError):
             metrics_path.unlink()
 
+    tb = _tensorboard_writer(rdir) if spec.tensorboard else None
+    tb_last: tuple[int, set[str]] = (-1, set())
     ev = spec.eval
     wall_start = time.perf_counter() - wall_offset
     status, stop_reason = "running", None
@@ -327,6 +329,8 @@ def execute_run(
             if step == 0 and ev.at_start and not rows:
                 res = do_eval(ev.splits)
                 rows.append({"step": 0, "epoch": 0.0, "time": 0.0, "wall_time": now_wall(), **res})
+                if tb is not None:
+                    _tensorboard_log(tb, rows[-1])
                 if any(not finite(v) for k, v in res.items() if k.endswith("loss")):
                     status, stop_reason = "diverged", "nonfinite_eval"
                 elif report(res, []):
@@ -387,6 +391,8 @@ def execute_run(
                 row["wall_time"] = now_wall()
                 if nonfinite or evaluated or step % spec.log_every == 0:
                     rows.append(row)
+                    if tb is not None:
+                        tb_last = (step, _tensorboard_log(tb, row))
                 if bar is not None:
                     bar.update(1)
                     if step % 20 == 0 or nonfinite:
@@ -427,6 +433,10 @@ def execute_run(
     finally:
         if bar is not None:
             bar.close()
+        if tb is not None:
+            if rows and rows[-1]["step"] == step:  # the final evaluation, not logged yet
+                _tensorboard_log(tb, rows[-1], skip=tb_last[1] if tb_last[0] == step else ())
+            tb.close()
 
     df = pd.DataFrame(rows)
     write_parquet_atomic(df, metrics_path)
@@ -447,6 +457,43 @@ def execute_run(
     with contextlib.suppress(FileNotFoundError):
         ckpt_path.unlink()
     return RunResult(hash=h, status=status, summary=summary)
+
+
+def _tensorboard_writer(rdir: Any) -> Any:
+    """A ``SummaryWriter`` in ``rdir/tensorboard``.
+
+    Raises:
+        SpecError: TensorBoard is not installed.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch raises ImportError when tensorboard is missing
+        raise SpecError(
+            f"tensorboard: true needs the tensorboard package ({exc})",
+            field="tensorboard",
+            fix="pip install 'qlrlab[tensorboard]', or set tensorboard: false",
+        ) from exc
+    return SummaryWriter(log_dir=str(rdir / "tensorboard"))
+
+
+def _tensorboard_log(writer: Any, row: Mapping[str, Any], skip: Any = ()) -> set[str]:
+    """Write the numeric entries of one metrics row (but ``skip``) as scalars at its step;
+    returns the keys written."""
+    step = int(row["step"])
+    written: set[str] = set()
+    for key, value in row.items():
+        if key in skip:
+            continue
+        if (
+            key in ("step", "epoch")
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+        ):
+            continue
+        if value == value and abs(value) != float("inf"):
+            writer.add_scalar(key, float(value), global_step=step)
+            written.add(key)
+    return written
 
 
 def _world_size() -> int:

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: Fields of a run that do not change its results, hence are not part of its identity.
-NON_IDENTITY_FIELDS = frozenset({"name", "output_dir", "checkpoint_every"})
+NON_IDENTITY_FIELDS = frozenset({"name", "output_dir", "checkpoint_every", "tensorboard"})
 
 #: "Switched off" component specs used by ``minus:`` in variants.
 OFF_COMPONENTS: dict[str, Any] = {
@@ -372,6 +372,9 @@ class RunSpec(_Strict):
         checkpoint_every: save a resumable checkpoint every this many steps (``None``: never).
         log_every: write a metrics row every this many steps (evaluations are always logged).
         output_dir: where ``qlrlab run`` writes (``--out`` wins).
+        tensorboard: also write every logged metric to TensorBoard event files in the run's
+            directory (``runs/<hash>/tensorboard``; needs ``pip install 'qlrlab[tensorboard]'``).
+            Not part of the run's identity.
     """
 
     name: str = "run"
@@ -386,6 +389,7 @@ class RunSpec(_Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     output_dir: str | None = None
+    tensorboard: bool = False
 
     @field_validator("task", mode="before")
     @classmethod
