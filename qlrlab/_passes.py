@@ -22,6 +22,9 @@ __all__ = ["functional_forward", "side_effect_free"]
 @contextlib.contextmanager
 def side_effect_free(model: nn.Module) -> Iterator[nn.Module]:
     """Context in which forward passes of ``model`` leave all its buffers untouched."""
+    if next(model.buffers(), None) is None:  # nothing to protect (BatchNorm without running
+        yield model  # statistics has no buffers and writes nothing)
+        return
     bn_changed: list[nn.modules.batchnorm._NormBase] = []
     bn_buffers: set[int] = set()
     for m in model.modules():

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dot", "is_finite", "sq_norm"]
+__all__ = ["dot", "is_finite", "norm", "sq_norm"]
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x if x.ndim == 1 else x.reshape(-1)
 
 
 def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
@@ -14,7 +18,17 @@ def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         return torch.zeros(())
     if len(xs) == 1:
         return (xs[0] * ys[0]).sum()
-    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).sum()
+    return torch.stack([torch.vdot(_flat(x), _flat(y)) for x, y in zip(xs, ys)]).sum()
+
+
+def norm(xs: list[Tensor]) -> Tensor:
+    """Global Euclidean norm as a 0-d tensor (one fused per-tensor norm; for reporting, where
+    the last bits need not match ``sq_norm(xs).sqrt()``)."""
+    if not xs:
+        return torch.zeros(())
+    if len(xs) == 1:
+        return torch.linalg.vector_norm(xs[0])
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)))
 
 
 def sq_norm(xs: list[Tensor]) -> Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "HalfMSELoss",
     "generic_output_hvp",
     "output_hvp",
+    "output_quadratic_form",
     "register_output_hessian",
 ]
 
@@ -126,6 +127,32 @@ def _bce_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | No
     return None if norm is None else s * (1 - s) * u / norm
 
 
+def _ce_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | None:
+    r""":math:`u^\top H_z u` for cross-entropy without forming :math:`H_z u`: per position
+    :math:`\sum_k p_k (u_k - \bar u)^2` with :math:`\bar u = p^\top u` (equal to
+    :math:`u^\top(p\odot u - p\,p^\top u)`, non-negative by construction)."""
+    assert isinstance(loss_fn, nn.CrossEntropyLoss)
+    if loss_fn.weight is not None:
+        return None
+    class_dim = 1 if z.ndim > 1 else 0
+    p = torch.softmax(z, dim=class_dim)
+    dev = u - (p * u).sum(dim=class_dim, keepdim=True)
+    per_pos = (p * dev).mul_(dev).sum(dim=class_dim)
+    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        mask = y != loss_fn.ignore_index
+        count = mask.sum()
+        total = (per_pos * mask).sum()
+    else:  # class probabilities
+        count = z.numel() // z.shape[class_dim]
+        total = per_pos.sum()
+    norm = _normaliser(loss_fn.reduction, count)
+    return None if norm is None else total / norm
+
+
+#: closed-form :math:`H_z u` entries that have a cheaper fused :math:`u^\top H_z u`
+_FUSED_QUADRATIC_FORMS: dict[OutputHVP, OutputHVP] = {_ce_hvp: _ce_quadratic_form}
+
+
 def generic_output_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
     """:math:`H_z u` for any scalar loss, by double backward through ``loss_fn``."""
     with torch.enable_grad():
@@ -151,3 +178,14 @@ def output_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
         if out is not None:
             return out
     return generic_output_hvp(loss_fn, z, y, u)
+
+
+def output_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    r""":math:`u^\top H_z u` as a 0-d tensor: fused for cross-entropy (when its registered
+    :math:`H_z u` is the built-in one), otherwise ``(u * output_hvp(loss_fn, z, y, u)).sum()``."""
+    fused = _FUSED_QUADRATIC_FORMS.get(closed_form_output_hvp(loss_fn))  # type: ignore[arg-type]
+    if fused is not None:
+        out = fused(loss_fn, z, y, u)
+        if out is not None:
+            return out
+    return (u * output_hvp(loss_fn, z, y, u)).sum()

@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from qlrlab._passes import side_effect_free
-from qlrlab._tensorlist import dot, sq_norm
+from qlrlab._tensorlist import dot, norm, sq_norm
 from qlrlab.interfaces import (
     BoundCurvature,
+    Component,
     CurvatureOracle,
     DampingSchedule,
     DirectionProvider,
@@ -106,6 +107,28 @@ def _f(x: Tensor | float | None) -> float | None:
 
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
+
+
+def _floats(xs: list[Tensor | float | None]) -> list[float | None]:
+    """``[_f(x) for x in xs]``, with one device-to-host transfer for all the 0-d tensors when
+    they live on an accelerator (same values: stacking only widens dtypes exactly); on the CPU
+    ``.item()`` is cheaper than stacking."""
+    ts = [x for x in xs if isinstance(x, Tensor)]
+    if (
+        len(ts) < 2
+        or ts[0].device.type == "cpu"
+        or any(t.ndim != 0 or t.device != ts[0].device for t in ts)
+    ):
+        return [_f(x) for x in xs]
+    with torch.no_grad():
+        vals = iter(torch.stack(ts).tolist())
+    return [float(next(vals)) if isinstance(x, Tensor) else _f(x) for x in xs]
+
+
+def _has_gradient_pass(comp: Any) -> bool:
+    """Whether ``comp`` overrides :meth:`Component.gradient_pass` (the default is a no-op)."""
+    fn = getattr(comp, "gradient_pass", None)
+    return getattr(fn, "__func__", None) is not Component.gradient_pass
 
 
 def _clone_state(obj: Any) -> Any:
@@ -199,11 +222,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     def _gradient_pass(self, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
-        self.zero_grad(set_to_none=True)
+        for group in self.param_groups:  # zero_grad(set_to_none=True) minus its profiler scope
+            for p in group["params"]:
+                p.grad = None
         with contextlib.ExitStack() as stack, torch.enable_grad():
             module = self.model
             for comp in self.components:
-                module = stack.enter_context(comp.gradient_pass(module))
+                if _has_gradient_pass(comp):  # skip the default no-op contexts
+                    module = stack.enter_context(comp.gradient_pass(module))
             outputs = module(*inputs) if isinstance(inputs, (tuple, list)) else module(inputs)
             loss = self.loss_fn(outputs, targets)
             loss.backward()
@@ -234,18 +260,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     p.grad = torch.zeros_like(p)
             self.grad_all_reduce([p.grad for p in self._params])  # type: ignore[misc]
         loss0 = self.all_reduce(loss0)
-        loss_f = _f(loss0)
+        params = self._params
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+        loss_f, grad_norm = _floats([loss0, norm(grads)])
         assert loss_f is not None
         if not math.isfinite(loss_f):
             self.damping.on_nonfinite()
             return StepInfo(
                 loss=loss_f, damping=self.damping.value, status="nonfinite_loss", step=t
             )
-
-        params = self._params
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        grads = [g.detach() for g in grads]
-        grad_norm = _f(sq_norm(grads).sqrt())
         if not _finite(grad_norm):
             self.damping.on_nonfinite()
             return StepInfo(
@@ -281,12 +304,30 @@ class ComposedOptimizer(torch.optim.Optimizer):
         alpha_base = proposal.alpha
         mults = [float(g["lr"]) for g in self.param_groups]
         uniform = all(m == mults[0] for m in mults)
-        alpha_eff = _f(alpha_base * mults[0])
         # the quadratic rule already computed ||d||^2 (same tensor ops: identical value)
         dd_t = (
             proposal.sq_norm if proposal.update is None and proposal.sq_norm is not None else None
         )
-        direction_norm = _f((sq_norm(d) if dd_t is None else dd_t).sqrt())
+        # explicit update delta (per group multipliers applied); computed before the finiteness
+        # checks below (no side effects) so that every scalar comes back in one transfer
+        gi = self._group_index
+        alpha_eff_t = alpha_base * mults[0]
+        dn_t = (sq_norm(d) if dd_t is None else dd_t).sqrt()
+        if proposal.update is None and uniform:
+            update = list(torch._foreach_mul(d, -alpha_eff_t))  # -(a*m) == (-a)*m exactly
+            un_t = abs(alpha_eff_t) * dn_t  # ||alpha d|| = |alpha| ||d||
+        else:
+            if proposal.update is None:
+                update = [(-alpha_base * mults[gi[i]]) * d[i] for i in range(len(d))]
+            else:
+                update = [proposal.update[i] * mults[gi[i]] for i in range(len(d))]
+            un_t = norm(update)
+        (
+            alpha_eff, direction_norm, update_norm, gd_f, q_f, momentum, alpha_f, sq_f,
+        ) = _floats([
+            alpha_eff_t, dn_t, un_t, proposal.grad_dot, proposal.quad_form, proposal.momentum,
+            alpha_base, proposal.sq_norm,
+        ])  # fmt: skip
         if not _finite(alpha_eff):
             if snapshot is not None:
                 self.direction.load_state_dict(snapshot[1])
@@ -294,19 +335,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
             self.damping.on_nonfinite()
             return StepInfo(
                 loss=loss_f, alpha=alpha_eff, damping=self.damping.value, grad_norm=grad_norm,
-                direction_norm=direction_norm, grad_dot_direction=_f(proposal.grad_dot),
-                curvature=_f(proposal.quad_form), status="nonfinite_alpha", step=t,
+                direction_norm=direction_norm, grad_dot_direction=gd_f,
+                curvature=q_f, status="nonfinite_alpha", step=t,
             )  # fmt: skip
-
-        # explicit update delta (per group multipliers applied)
-        gi = self._group_index
-        if proposal.update is None and uniform:
-            update = list(torch._foreach_mul(d, -alpha_base * mults[0]))
-        elif proposal.update is None:
-            update = [(-alpha_base * mults[gi[i]]) * d[i] for i in range(len(d))]
-        else:
-            update = [proposal.update[i] * mults[gi[i]] for i in range(len(d))]
-        update_norm = _f(sq_norm(update).sqrt())
         if not _finite(update_norm):
             if snapshot is not None:
                 self.direction.load_state_dict(snapshot[1])
@@ -319,11 +350,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
         need_rho = self.track_rho or self.damping.needs_new_loss(t)
         pred_damped, pred_undamped = self._predicted_change(
-            proposal, update, d, grads, bound, uniform, mults[0], lam, need_rho
-        )
+            proposal, update, d, grads, bound, uniform, mults[0], lam, need_rho,
+            (alpha_f, gd_f, q_f, sq_f),
+        )  # fmt: skip
         new_loss_t: Tensor | None = None
         if need_rho and bound is not None and proposal.update is None and uniform:
-            new_loss_t = bound.loss_after(alpha_base * mults[0], d)
+            new_loss_t = bound.loss_after(alpha_eff_t, d)
         with torch.no_grad():
             torch._foreach_add_(params, update)
         if need_rho and new_loss_t is None:
@@ -353,14 +385,14 @@ class ComposedOptimizer(torch.optim.Optimizer):
             alpha=alpha_eff,
             damping=self.damping.value,
             rho=rho,
-            grad_dot_direction=_f(proposal.grad_dot),
-            curvature=_f(proposal.quad_form),
+            grad_dot_direction=gd_f,
+            curvature=q_f,
             predicted_change=pred,
             new_loss=new_loss,
             grad_norm=grad_norm,
             direction_norm=direction_norm,
             update_norm=update_norm,
-            momentum=_f(proposal.momentum),
+            momentum=momentum,
             status=status,
             step=t,
         )
@@ -376,23 +408,25 @@ class ComposedOptimizer(torch.optim.Optimizer):
         mult: float,
         lam: float,
         required: bool,
+        floats: tuple[float | None, float | None, float | None, float | None],
     ) -> tuple[float | None, float | None]:
-        """(damped, undamped) :math:`\\Delta M` for the update actually taken."""
+        """(damped, undamped) :math:`\\Delta M` for the update actually taken (``floats``: the
+        proposal's alpha, grad_dot, quad_form and sq_norm already converted, or ``None``)."""
         if bound is None:
             return None, None
         if not required and proposal.quad_form is None:
             return None, None
         if uniform:
             base = d if proposal.update is None else proposal.update
-            scale = -float(proposal.alpha) * mult if proposal.update is None else mult
-            q = proposal.quad_form
-            if q is None:
-                q = self.all_reduce(bound.quadratic_form(base))
-            gd = proposal.grad_dot if proposal.grad_dot is not None else dot(grads, base)
-            dd = proposal.sq_norm if proposal.sq_norm is not None else sq_norm(base)
-            g_delta = scale * float(gd)
-            quad = scale * scale * float(q)
-            norm2 = scale * scale * float(dd)
+            alpha_f, gd_f, q_f, dd_f = floats
+            assert alpha_f is not None
+            scale = -alpha_f * mult if proposal.update is None else mult
+            q = q_f if q_f is not None else float(self.all_reduce(bound.quadratic_form(base)))
+            gd = gd_f if gd_f is not None else float(dot(grads, base))
+            dd = dd_f if dd_f is not None else float(sq_norm(base))
+            g_delta = scale * gd
+            quad = scale * scale * q
+            norm2 = scale * scale * dd
         else:
             g_delta = float(dot(grads, update))
             quad = float(self.all_reduce(bound.quadratic_form(update)))

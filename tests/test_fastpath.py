@@ -256,3 +256,52 @@ def test_single_leaf_model_and_buffers_untouched() -> None:
     assert int(bn[1].num_batches_tracked) == 2
     torch.testing.assert_close(bn[1].running_mean, twin[1].running_mean)
     assert not torch.equal(after_grad_pass[0], bn[1].running_mean)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "mlp"])
+def test_hookless_sequential_runner_matches_hooks(kind: str) -> None:
+    """Plain Sequential / MLP run the gradient pass through the recording runner (no hooks);
+    a model-level hook forces the hook-based recorder; both give identical steps."""
+    from qlrlab.curvature import _fastpath
+    from qlrlab.models.mlp import MLP
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = MLP([12, 7, 5, 3]).to(DT)
+        x = torch.randn(16, 1, 3, 4, dtype=DT)  # MLP flattens inputs beyond 2-d itself
+    else:
+        model = nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(),
+                              nn.Linear(5, 3)).to(DT)  # fmt: skip
+        x = torch.randn(16, 12, dtype=DT)
+    y = torch.randint(0, 3, (16,))
+    hooked = copy.deepcopy(model)
+    hooked.register_forward_pre_hook(lambda m, a: None)
+    assert _fastpath._direct_chain(model) is not None
+    assert _fastpath._direct_chain(hooked) is None
+    oa = build_optimizer("adamqlr", model, nn.CrossEntropyLoss())
+    ob = build_optimizer("adamqlr", hooked, nn.CrossEntropyLoss())
+    for _ in range(3):
+        a, b = oa.step((x, y)), ob.step((x, y))
+        assert oa.curvature.last_path == ob.curvature.last_path == "fast"
+        assert a.as_dict() == b.as_dict()
+    for p, q in zip(model.parameters(), hooked.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("case", ["labels", "ignore", "probs", "spatial", "sum"])
+def test_fused_ce_quadratic_form_matches_hvp(case: str) -> None:
+    from qlrlab.losses import output_hvp, output_quadratic_form
+
+    torch.manual_seed(0)
+    shape = (6, 4, 3, 2) if case == "spatial" else (6, 4)
+    z, u = torch.randn(shape, dtype=DT), torch.randn(shape, dtype=DT)
+    lf = nn.CrossEntropyLoss(reduction="sum" if case == "sum" else "mean")
+    if case == "probs":
+        y = torch.softmax(torch.randn(shape, dtype=DT), 1)
+    else:
+        y = torch.randint(0, 4, (shape[0], *shape[2:]))
+        if case == "ignore":
+            y[1] = lf.ignore_index
+    want = (u * output_hvp(lf, z, y, u)).sum()
+    got = output_quadratic_form(lf, z, y, u)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

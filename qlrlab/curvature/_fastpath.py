@@ -130,8 +130,6 @@ class Record:
         x_shape: shape of ``x``.
         y_shape: shape of ``y``.
         relu_from_x: a ReLU whose derivative mask is taken from its input :math:`x > 0`.
-        x_is_relu_of_prev_x: ``x`` was dropped because it is ``relu`` of the previous (ReLU)
-            leaf's kept input; the tangent pass recomputes it (one elementwise op).
         mask: a ReLU's derivative :math:`y > 0` as booleans (instead of keeping :math:`y`).
         shift: for the first optimised layer, whether the shifted pass uses
             :math:`y - \alpha u` (keeping :math:`y` and :math:`u`) instead of recomputing it.
@@ -148,11 +146,79 @@ class Record:
     relu_from_x: bool = False
     shift: bool = False
     mask: Tensor | None = None
-    x_is_relu_of_prev_x: bool = False
+
+
+def _flatten_beyond_2d(x: Tensor) -> Tensor:
+    """:class:`qlrlab.models.MLP`'s input handling before its ``nn.Sequential.forward``."""
+    return x.flatten(1) if x.ndim > 2 else x
+
+
+@functools.cache
+def _chain_forwards() -> dict[Any, Any]:
+    """``forward`` functions that are exactly "optional prologue, then the children in order"."""
+    fwds: dict[Any, Any] = {nn.Sequential.forward: None}
+    with contextlib.suppress(Exception):  # the models package is optional here
+        from qlrlab.models.mlp import MLP
+
+        fwds[MLP.forward] = _flatten_beyond_2d
+    return fwds
+
+
+def _direct_chain(model: nn.Module) -> tuple[list[nn.Module], Any] | None:
+    """(children, input prologue) of a plain ``nn.Sequential`` (or a known subclass) of leaf
+    modules that no hook or compiled call could tell apart from calling the children one after
+    the other (``None`` otherwise)."""
+    cls = type(model)
+    if not isinstance(model, nn.Sequential) or cls.forward not in _chain_forwards():
+        return None
+    if cls.__call__ is not nn.Module.__call__ or cls._call_impl is not nn.Module._call_impl:
+        return None
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return None
+    if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks:
+        return None
+    if model._backward_pre_hooks:
+        return None
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks:
+        return None
+    if g._global_backward_pre_hooks:
+        return None
+    kids = list(model._modules.values())
+    if not kids or any(k is None or next(k.children(), None) is not None for k in kids):
+        return None
+    return kids, _chain_forwards()[cls.forward]  # type: ignore[return-value]
+
+
+class _ChainRunner:
+    """Runs a plain ``nn.Sequential``'s children in order (exactly its ``forward``), recording
+    each call as the forward hooks would, without installing any."""
+
+    def __init__(self, rec: ChainRecorder, leaves: list[nn.Module], prologue: Any) -> None:
+        self.rec = rec
+        self.leaves = leaves
+        self.prologue = prologue
+
+    def __call__(self, *args: Any) -> Any:
+        rec = self.rec
+        if len(args) != 1:
+            return rec.model(*args)  # whatever nn.Sequential does with that (an error)
+        x = args[0] if self.prologue is None else self.prologue(args[0])
+        for m in self.leaves:
+            y = m(x)
+            rec._leaf_hook(m, (x,), y)
+            x = y
+        rec._top_calls += 1
+        return x
 
 
 class ChainRecorder:
     """Forward hooks that record a chain of leaf calls during one gradient pass.
+
+    For a plain ``nn.Sequential`` (or :class:`qlrlab.models.MLP`) of leaf modules without hooks,
+    :attr:`module` is instead a runner
+    that calls the children in order and records as it goes (same calls, no hook overhead); the
+    gradient pass must call :attr:`module`.
 
     Args:
         model: the module that runs the gradient pass.
@@ -161,6 +227,8 @@ class ChainRecorder:
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor] = ()) -> None:
         self.model = model
+        #: what the gradient pass calls inside :meth:`recording`
+        self.module: Any = model
         self._opt_ids = {id(p) for p in params}
         self._first_optimised: Record | None = None
         self.records: list[Record] = []
@@ -170,18 +238,23 @@ class ChainRecorder:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[ChainRecorder]:
-        """Install the hooks for the duration of the context."""
+        """Install the hooks (or the runner, :attr:`module`) for the duration of the context."""
         handles = []
-        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
+        direct = _direct_chain(self.model)
         self.failure = None
         try:
-            for m in leaves:
-                handles.append(m.register_forward_hook(self._leaf_hook))
-            handles.append(self.model.register_forward_hook(self._top_hook))
+            if direct is not None:
+                self.module = _ChainRunner(self, *direct)
+            else:
+                for m in self.model.modules():
+                    if next(m.children(), None) is None:
+                        handles.append(m.register_forward_hook(self._leaf_hook))
+                handles.append(self.model.register_forward_hook(self._top_hook))
             yield self
         finally:
             for h in handles:
                 h.remove()
+            self.module = self.model
             self._last = None
             if not self.records and self.failure is None:
                 self.failure = "no leaf module was called"
@@ -209,24 +282,19 @@ class ChainRecorder:
         if kind == "bn":
             return True
         if kind is not None:
-            if id(m.weight) not in self._opt_ids:
-                return False
-            if (
-                prev is not None
-                and prev.relu_from_x
-                and not r.view
-                and type(prev.module) is nn.ReLU
-            ):
-                r.x_is_relu_of_prev_x = True  # recompute relu(prev.x) instead of keeping it
-                return False
-            return True
+            # kept even when it is relu of the previous input: autograd saves it for the
+            # backward pass anyway, and recomputing it would allocate as much at the tangent
+            # pass's busiest point (one elementwise pass saved)
+            return id(m.weight) in self._opt_ids
         if isinstance(m, nn.ReLU):
             # relu(x) > 0 iff x > 0: read the mask from x when the previous output is kept anyway,
             # else keep the mask as booleans (a quarter of the float output's memory)
             r.relu_from_x = prev is not None and prev.y is not None and self._needs_y(prev)
             if not r.relu_from_x:
                 assert r.y is not None
-                r.mask = r.y > 0
+                # relu(x) >= 0, so y != 0 iff y > 0 (a NaN output makes the loss NaN and the
+                # step stops before the tangent pass); bool() is several times faster than > 0
+                r.mask = r.y.bool()
             return r.relu_from_x
         if isinstance(m, (nn.Tanh, nn.Sigmoid, *_PASS_THROUGH)):
             return False
@@ -349,6 +417,7 @@ class ChainTangents:
         self.index = {id(p): i for i, p in enumerate(params)}
         self._key: list[Tensor] | None = None
         self._first: tuple[int, Tensor] | None = None
+        self._first_is_out = False
         kinds = []
         for r in chain:
             k = _kind(r.module)
@@ -392,16 +461,17 @@ class ChainTangents:
         if first is not None and not self.chain[first[0]].shift:
             first = (first[0], torch.empty(0))  # only the index is needed
         self._first = first
+        # new_output may overwrite the first layer's tangent unless it is also the returned one
+        self._first_is_out = (
+            first is not None
+            and u is not None
+            and first[1].untyped_storage().data_ptr() == u.untyped_storage().data_ptr()
+        )
         return z, (torch.zeros_like(z) if u is None else u)
 
     def _input(self, li: int) -> Tensor | None:
-        """The cached (or recomputed) input of leaf ``li``."""
-        r = self.chain[li]
-        if r.x is None and r.x_is_relu_of_prev_x:
-            px = self.chain[li - 1].x
-            assert px is not None
-            return torch.relu(px)
-        return r.x
+        """The cached input of leaf ``li``."""
+        return self.chain[li].x
 
     @staticmethod
     def _param_tangent(
@@ -441,7 +511,7 @@ class ChainTangents:
             out = lin(u, m.weight, db)
             if dw is not None:
                 assert x is not None
-                out = out + lin(x, dw, None)
+                out.add_(lin(x, dw, None))  # out is fresh: accumulate in place
         elif dw is not None:
             assert x is not None
             out = lin(x, dw, db)
@@ -466,7 +536,13 @@ class ChainTangents:
                     continue
                 if r.shift:
                     assert r.y is not None
-                    xn = r.y - alpha * first[1]
+                    t = first[1]
+                    if self._first_is_out:
+                        xn = r.y - alpha * t
+                    elif isinstance(alpha, Tensor):  # nothing else holds t: y - alpha*t
+                        xn = torch.addcmul(r.y, t, -alpha, out=t)  # into its storage, one pass
+                    else:
+                        xn = torch.add(r.y, t, alpha=-alpha, out=t)
                     self._first = first = None  # free the cached tangent early
                     continue
                 xn = self._input(li)  # recompute the first optimised layer from its input
@@ -532,12 +608,13 @@ def _free_tangent(m: nn.Module, r: Record, u: Tensor, owned: bool) -> Tensor:
     """Tangent through a parameter-free leaf (``owned``: ``u`` may be overwritten)."""
     if isinstance(m, nn.ReLU):
         if r.mask is not None:
-            mask = r.mask
-        else:
-            src = r.x if r.relu_from_x else r.y
-            assert src is not None
-            mask = src > 0
-        return u.mul_(mask) if owned else u * mask
+            # a uint8 view multiplies several times faster than the bool mask itself
+            mask = r.mask.view(torch.uint8)
+            return u.mul_(mask) if owned else u * mask
+        src = r.x if r.relu_from_x else r.y
+        assert src is not None
+        # u where src > 0, else 0: one fused kernel (ReLU's own backward), no bool mask
+        return torch.ops.aten.threshold_backward(u, src, 0)
     if isinstance(m, nn.Tanh):
         assert r.y is not None
         return u * (1 - r.y * r.y)

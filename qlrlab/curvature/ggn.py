@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from qlrlab._passes import functional_forward, side_effect_free
 from qlrlab.curvature import _fastpath
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
-from qlrlab.losses import output_hvp
+from qlrlab.losses import output_hvp, output_quadratic_form
 from qlrlab.registry import CURVATURES, ComponentSpec
 
 __all__ = ["BoundGGN", "FastBoundGGN", "GGNOracle", "GGNSpec"]
@@ -63,9 +63,16 @@ class BoundGGN(BoundCurvature):
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
-        self._params = tuple(p.detach() for p in problem.params)
+        self._detached: tuple[Tensor, ...] | None = None
         self._vjp = None
         self._z: Tensor | None = None
+
+    @property
+    def _params(self) -> tuple[Tensor, ...]:
+        """The detached parameters (made on first use: the fast path never needs them)."""
+        if self._detached is None:
+            self._detached = tuple(p.detach() for p in self.problem.params)
+        return self._detached
 
     def _f(self, *params: Tensor) -> Tensor:
         return functional_forward(
@@ -82,8 +89,7 @@ class BoundGGN(BoundCurvature):
     def quadratic_form(self, v: list[Tensor]) -> Tensor:
         """:math:`v^\\top G v = u^\\top H_z u` with :math:`u = Jv`."""
         z, u = self.jvp(v)
-        hu = output_hvp(self.problem.loss_fn, z, self.problem.targets, u)
-        return (u * hu).sum()
+        return output_quadratic_form(self.problem.loss_fn, z, self.problem.targets, u)
 
     def quadratic_forms(self, vs: list[list[Tensor]]) -> Tensor:
         """Gram matrix :math:`[v_i^\\top G v_j]` from one JVP per vector."""
@@ -182,7 +188,7 @@ class GGNOracle(CurvatureOracle):
             return
         rec = _fastpath.ChainRecorder(model, self._params)
         with rec.recording():
-            yield model
+            yield rec.module  # the model itself, or an equivalent recording runner
         self._recorder = rec
 
     def bind(self, problem: Problem) -> BoundCurvature:

@@ -67,5 +67,6 @@ class QuadraticStepSize(StepSizeRule):
         alpha = gd / denom
         if self.spec.clip is not None:
             alpha = alpha.clamp(-self.spec.clip, self.spec.clip)
-        alpha = alpha * self.spec.amplification
+        if self.spec.amplification != 1.0:  # (x * 1.0 == x exactly: skip the op)
+            alpha = alpha * self.spec.amplification
         return Proposal(alpha=alpha.detach(), grad_dot=gd, quad_form=q, sq_norm=dd)
