@@ -119,8 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _first_line(obj: Any) -> str:
+    """The docstring's first sentence-line, with reST roles and literals made plain text."""
+    import re
+
     doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    line = doc.splitlines()[0] if doc else ""
+    line = re.sub(r":(?:math|func|class|meth|mod|attr):`~?([^`]*)`", r"\1", line)
+    return line.replace("``", "")
 
 
 def _split_overrides(texts: Sequence[str]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
