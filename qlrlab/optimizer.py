@@ -225,15 +225,25 @@ class ComposedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # zero_grad(set_to_none=True) minus its profiler scope
             for p in group["params"]:
                 p.grad = None
-        with contextlib.ExitStack() as stack, torch.enable_grad():
-            module = self.model
-            for comp in self.components:
-                if _has_gradient_pass(comp):  # skip the default no-op contexts
-                    module = stack.enter_context(comp.gradient_pass(module))
-            outputs = module(*inputs) if isinstance(inputs, (tuple, list)) else module(inputs)
-            loss = self.loss_fn(outputs, targets)
-            loss.backward()
+        # skip the default no-op contexts
+        comps = [c for c in self.components if _has_gradient_pass(c)]
+        with torch.enable_grad():
+            if len(comps) == 1:  # the usual case (e.g. the GGN fast path): no ExitStack
+                with comps[0].gradient_pass(self.model) as module:
+                    loss, outputs = self._forward_backward(module, inputs, targets)
+            else:
+                with contextlib.ExitStack() as stack:
+                    module = self.model
+                    for comp in comps:
+                        module = stack.enter_context(comp.gradient_pass(module))
+                    loss, outputs = self._forward_backward(module, inputs, targets)
         return loss.detach(), outputs.detach()
+
+    def _forward_backward(self, module: Any, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
+        outputs = module(*inputs) if isinstance(inputs, (tuple, list)) else module(inputs)
+        loss = self.loss_fn(outputs, targets)
+        loss.backward()
+        return loss, outputs
 
     def _loss_at_current(self, problem: Problem) -> Tensor:
         with torch.no_grad(), side_effect_free(self.model):
@@ -311,7 +321,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         # explicit update delta (per group multipliers applied); computed before the finiteness
         # checks below (no side effects) so that every scalar comes back in one transfer
         gi = self._group_index
-        alpha_eff_t = alpha_base * mults[0]
+        alpha_eff_t = alpha_base * mults[0] if mults[0] != 1.0 else alpha_base  # x*1.0 == x
         dn_t = (sq_norm(d) if dd_t is None else dd_t).sqrt()
         if proposal.update is None and uniform:
             update = list(torch._foreach_mul(d, -alpha_eff_t))  # -(a*m) == (-a)*m exactly

@@ -70,17 +70,37 @@ def _known_param_forwards() -> frozenset[Any]:
     return frozenset(fwds)
 
 
-def _kind(m: nn.Module) -> str | None:
-    """``"linear"``, ``"conv"``, ``"bn"`` for supported parametrised leaves, else ``None``."""
-    if type(m).forward not in _known_param_forwards():
+def _kind_of_type(cls: type) -> str | None:
+    if cls.forward not in _known_param_forwards():
         return None
-    if isinstance(m, nn.Linear):
+    if issubclass(cls, nn.Linear):
         return "linear"
-    if isinstance(m, _ConvNd) and not m.transposed:
+    if issubclass(cls, _ConvNd):
         return "conv"
-    if isinstance(m, _BatchNorm):
+    if issubclass(cls, _BatchNorm):
         return "bn"
     return None
+
+
+#: module type -> its kind (see :func:`_kind`; the class attributes it reads do not change)
+_KIND_BY_TYPE: dict[type, str | None] = {}
+
+
+def _kind(m: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"``, ``"bn"`` for supported parametrised leaves, else ``None``."""
+    cls = type(m)
+    try:
+        kind = _KIND_BY_TYPE[cls]
+    except KeyError:
+        kind = _KIND_BY_TYPE[cls] = _kind_of_type(cls)
+    if kind == "conv" and m.transposed:
+        return None
+    return kind
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    """``next(m.children(), None) is None`` without making a generator."""
+    return not m._modules or all(c is None for c in m._modules.values())
 
 
 def fast_path_unsupported(model: nn.Module, params: Sequence[Tensor]) -> str | None:
@@ -133,6 +153,8 @@ class Record:
         mask: a ReLU's derivative :math:`y > 0` as booleans (instead of keeping :math:`y`).
         shift: for the first optimised layer, whether the shifted pass uses
             :math:`y - \alpha u` (keeping :math:`y` and :math:`u`) instead of recomputing it.
+        kind: ``"linear"``, ``"conv"`` or ``"bn"`` for a supported parametrised leaf, else
+            ``None``.
     """
 
     module: nn.Module
@@ -146,6 +168,7 @@ class Record:
     relu_from_x: bool = False
     shift: bool = False
     mask: Tensor | None = None
+    kind: str | None = None
 
 
 def _flatten_beyond_2d(x: Tensor) -> Tensor:
@@ -185,7 +208,7 @@ def _direct_chain(model: nn.Module) -> tuple[list[nn.Module], Any] | None:
     if g._global_backward_pre_hooks:
         return None
     kids = list(model._modules.values())
-    if not kids or any(k is None or next(k.children(), None) is not None for k in kids):
+    if not kids or any(k is None or not _is_leaf(k) for k in kids):
         return None
     return kids, _chain_forwards()[cls.forward]  # type: ignore[return-value]
 
@@ -278,7 +301,7 @@ class ChainRecorder:
         """Whether the tangent pass reads this leaf's input (decided when it is recorded, so
         that activations autograd does not save are freed as in a plain forward)."""
         m = r.module
-        kind = _kind(m)
+        kind = r.kind
         if kind == "bn":
             return True
         if kind is not None:
@@ -349,8 +372,10 @@ class ChainRecorder:
             idx = getattr(out.grad_fn, "_saved_result1", None)
             if not isinstance(idx, Tensor) or idx.shape != out.shape or idx.is_floating_point():
                 idx = None
+        kind = _kind(module)
         rec = Record(module, xd, yd, view, (xd._version, yd._version), idx, xd.shape, yd.shape)
-        if self._first_optimised is None and _kind(module) is not None:
+        rec.kind = kind
+        if self._first_optimised is None and kind is not None:
             w, b = getattr(module, "weight", None), getattr(module, "bias", None)
             if id(w) in self._opt_ids or id(b) in self._opt_ids:
                 self._first_optimised = rec
@@ -368,7 +393,7 @@ class ChainRecorder:
 
     def _top_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         self._top_calls += 1
-        if next(module.children(), None) is None:
+        if _is_leaf(module):
             return  # the model is a single leaf: its own leaf hook did the work
         if out is not self._last:
             self._fail("the model's output is not its last layer's output")
@@ -418,11 +443,21 @@ class ChainTangents:
         self._key: list[Tensor] | None = None
         self._first: tuple[int, Tensor] | None = None
         self._first_is_out = False
-        kinds = []
-        for r in chain:
-            k = _kind(r.module)
-            kinds.append(k if k is not None else "free")
-        self.kinds = kinds
+        # the plan both passes follow: per leaf, (index, record, module, kind, position of its
+        # weight's and bias's tangent in v or -1); built once per chain
+        index = self.index
+        plan: list[tuple[int, Record, Any, str, int, int]] = []
+        for li, r in enumerate(chain):
+            m = r.module
+            if r.kind is None:
+                plan.append((li, r, m, "free", -1, -1))
+                continue
+            w, b = m.weight, m.bias
+            wi = -1 if w is None else index.get(id(w), -1)
+            bi = -1 if b is None else index.get(id(b), -1)
+            plan.append((li, r, m, r.kind, wi, bi))
+        self._plan = plan
+        self.kinds = [k for _, _, _, k, _, _ in plan]
 
     def _tangent_of(self, p: Tensor | None, v: Sequence[Tensor]) -> Tensor | None:
         if p is None:
@@ -435,8 +470,7 @@ class ChainTangents:
         u: Tensor | None = None
         owned = False  # whether u (and everything sharing its storage) is ours to overwrite
         first: tuple[int, Tensor] | None = None
-        for li, (r, kind) in enumerate(zip(self.chain, self.kinds)):
-            m = r.module
+        for li, r, m, kind, wi, bi in self._plan:
             if u is not None and r.view:
                 u = u.reshape(r.x_shape)
             if kind == "free":
@@ -444,12 +478,12 @@ class ChainTangents:
                     u = _free_tangent(m, r, u, owned)
                     owned = owned or not isinstance(m, _PASS_THROUGH)
                 continue
-            w, b = m.weight, m.bias
-            dw, db = self._tangent_of(w, v), self._tangent_of(b, v)
+            dw = None if wi < 0 else v[wi]
+            db = None if bi < 0 else v[bi]
             if u is None and dw is None and db is None:
                 continue
             fresh = u is None
-            u = self._param_tangent(kind, m, r, self._input(li), u, dw, db)
+            u = self._param_tangent(kind, m, r, r.x, u, dw, db)
             owned = True
             if fresh and first is None:
                 first = (li, u)
@@ -529,8 +563,7 @@ class ChainTangents:
             return None
         xn: Tensor | None = None
         first = self._first
-        for li, (r, kind) in enumerate(zip(self.chain, self.kinds)):
-            m = r.module
+        for li, r, m, kind, wi, bi in self._plan:
             if xn is None:
                 if first is None or li != first[0]:
                     continue
@@ -545,7 +578,7 @@ class ChainTangents:
                         xn = torch.add(r.y, t, alpha=-alpha, out=t)
                     self._first = first = None  # free the cached tangent early
                     continue
-                xn = self._input(li)  # recompute the first optimised layer from its input
+                xn = r.x  # recompute the first optimised layer from its input
                 assert xn is not None
             elif r.view:
                 xn = xn.reshape(r.x_shape)
@@ -554,11 +587,10 @@ class ChainTangents:
                 continue
             w = m.weight
             b = m.bias
-            dw, db = self._tangent_of(w, v), self._tangent_of(b, v)
-            if dw is not None:
-                w = w - alpha * dw
-            if db is not None:
-                b = b - alpha * db
+            if wi >= 0:
+                w = w - alpha * v[wi]
+            if bi >= 0:
+                b = b - alpha * v[bi]
             if kind == "linear":
                 xn = F.linear(xn, w, b)
             elif kind == "conv":

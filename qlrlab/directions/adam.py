@@ -67,9 +67,12 @@ class AdamDirection(DirectionProvider):
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.step = 0
 
-    @torch.no_grad()
     def compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
         """Update the moments with ``grads`` and return :math:`d`."""
+        with torch.no_grad():
+            return self._compute(grads, ctx)
+
+    def _compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
         s = self.spec
         self.step += 1
         m, v = self.exp_avg, self.exp_avg_sq
