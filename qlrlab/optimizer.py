@@ -338,24 +338,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
             alpha_eff_t, dn_t, un_t, proposal.grad_dot, proposal.quad_form, proposal.momentum,
             alpha_base, proposal.sq_norm,
         ])  # fmt: skip
-        if not _finite(alpha_eff):
-            if snapshot is not None:
-                self.direction.load_state_dict(snapshot[1])
-                self.step_size.load_state_dict(snapshot[2])
+        if not (_finite(alpha_eff) and _finite(update_norm)):  # refuse: parameters untouched
+            self._restore(snapshot, params=False)
             self.damping.on_nonfinite()
             return StepInfo(
                 loss=loss_f, alpha=alpha_eff, damping=self.damping.value, grad_norm=grad_norm,
                 direction_norm=direction_norm, grad_dot_direction=gd_f,
                 curvature=q_f, status="nonfinite_alpha", step=t,
-            )  # fmt: skip
-        if not _finite(update_norm):
-            if snapshot is not None:
-                self.direction.load_state_dict(snapshot[1])
-                self.step_size.load_state_dict(snapshot[2])
-            self.damping.on_nonfinite()
-            return StepInfo(
-                loss=loss_f, alpha=alpha_eff, damping=self.damping.value, grad_norm=grad_norm,
-                direction_norm=direction_norm, status="nonfinite_alpha", step=t,
             )  # fmt: skip
 
         need_rho = self.track_rho or self.damping.needs_new_loss(t)
@@ -384,11 +373,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         status = "ok"
         if not accepted:
             assert snapshot is not None, "a schedule that rejects steps must set may_reject = True"
-            with torch.no_grad():
-                for p, saved in zip(params, snapshot[0]):
-                    p.copy_(saved)
-            self.direction.load_state_dict(snapshot[1])
-            self.step_size.load_state_dict(snapshot[2])
+            self._restore(snapshot, params=True)
             status = "rejected"
         return StepInfo(
             loss=loss_f,
@@ -406,6 +391,18 @@ class ComposedOptimizer(torch.optim.Optimizer):
             status=status,
             step=t,
         )
+
+    def _restore(self, snapshot: tuple | None, *, params: bool) -> None:
+        """Undo this step's state changes from a ``may_reject`` snapshot (no-op without one):
+        the direction's and step-size rule's state, and the parameters when ``params``."""
+        if snapshot is None:
+            return
+        if params:
+            with torch.no_grad():
+                for p, saved in zip(self._params, snapshot[0]):
+                    p.copy_(saved)
+        self.direction.load_state_dict(snapshot[1])
+        self.step_size.load_state_dict(snapshot[2])
 
     def _predicted_change(
         self,

@@ -178,6 +178,30 @@ def _worker(spec_json: dict[str, Any], root: str, labels: dict[str, Any], thread
     return res.hash, res.status, res.summary.get("error")
 
 
+def ensure_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray unless it is already initialised; returns whether it started
+    it here (the caller then shuts it down). Workers import the ``--plugin`` modules.
+
+    Raises:
+        SpecError: Ray is not installed.
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise SpecError(
+            f"the ray back-end needs Ray: {exc}", fix="pip install 'qlrlab[ray]'"
+        ) from None
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=_plugin_runtime_env(),
+    )
+    return True
+
+
 def _plugin_runtime_env() -> dict[str, Any] | None:
     """Ray runtime environment that makes workers import the ``--plugin`` modules."""
     from qlrlab.plugins import ENV_VAR
@@ -299,21 +323,9 @@ def _run_ray(
     address: str | None,
     record: Any,
 ) -> None:
-    try:
-        import ray
-    except ImportError as exc:
-        raise SpecError(
-            f"the ray back-end needs Ray: {exc}", fix="pip install 'qlrlab[ray]'"
-        ) from None
-    started = False
-    if not ray.is_initialized():
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env=_plugin_runtime_env(),
-        )
-        started = True
+    import ray
+
+    started = ensure_ray(address)
     try:
         remote = ray.remote(num_cpus=threads)(_worker)
         refs = [

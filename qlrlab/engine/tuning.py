@@ -382,17 +382,9 @@ def _tune_ray(
         "base": base.model_dump(mode="json"),
         "root": str(store.root),
     }
-    started = False
-    if not ray.is_initialized():
-        from qlrlab.engine.ablation import _plugin_runtime_env
+    from qlrlab.engine.ablation import ensure_ray
 
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env=_plugin_runtime_env(),
-        )
-        started = True
+    started = ensure_ray(address)
     try:
         trainable = tune.with_resources(tune.with_parameters(_ray_trainable, ctx=ctx), {"cpu": 1})
         exp_dir = store.root / "ray" / spec.name
