@@ -12,6 +12,7 @@ run continues from its checkpoint and reproduces the uninterrupted numbers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -33,6 +34,7 @@ from qlrlab.engine.storage import (
     save_checkpoint,
     write_parquet_atomic,
 )
+from qlrlab.optimizer import StepInfo
 
 __all__ = [
     "Reporter",
@@ -48,18 +50,10 @@ __all__ = [
 #: ``True`` stops the run with status ``pruned`` (used by the tuners).
 Reporter = Callable[[int, float, Mapping[str, float]], bool]
 
-_STEP_FIELDS = (
-    "loss",
-    "alpha",
-    "damping",
-    "rho",
-    "grad_dot_direction",
-    "curvature",
-    "predicted_change",
-    "new_loss",
-    "grad_norm",
-    "direction_norm",
-    "momentum",
+#: Per-step columns: every numeric field of :class:`qlrlab.StepInfo` (derived, so a field added
+#: there is logged without touching the engine).
+_STEP_FIELDS = tuple(
+    f.name for f in dataclasses.fields(StepInfo) if f.name not in ("status", "step")
 )
 
 
