@@ -5,6 +5,15 @@ For each model × batch size, every optimiser gets its own copy of the same init
 round, so background load hits all of them alike) and the median step time is reported together
 with its ratio to ``torch.optim.Adam``'s median in the same rounds.
 
+Data: the image models train on real Fashion-MNIST images and labels when the files are found
+(``../shared/data/fashion_mnist``, ``$QLRLAB_DATA`` or the qlrlab data directory), otherwise on
+Gaussian images labelled by a fixed random teacher; rounds cycle through up to 8 distinct batches
+(every optimiser gets the same batch in a round). A learnable task matters for a fair timing:
+memorising random labels on one repeated batch drives an adaptive-step optimiser to logits of
+±300, where CPU ``exp`` (inside every cross-entropy, the user's own loss included) takes an
+underflow slow path ten times slower than usual, so the optimisers would no longer be timed on
+comparable numbers. The table reports each model's largest absolute output after the run.
+
 Peak memory:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` over one step (absolute: parameters, gradients,
@@ -72,42 +81,77 @@ def _mlp(sizes: list[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_problem(name: str, batch: int, device: torch.device) -> tuple[nn.Module, nn.Module, Any]:
-    """(model, loss, batch) for a benchmark model name (random data of the task's shape)."""
+def _fmnist(n: int) -> tuple[Tensor, Tensor] | None:
+    """The first ``n`` Fashion-MNIST training images (standardised) and labels, from
+    ``../shared/data`` or the qlrlab data directory (``None`` when the files are not there)."""
+    import os
+    from pathlib import Path
+
+    from qlrlab.data.formats import read_idx
+    from qlrlab.data.paths import get_data_dir
+
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent.parent / "shared" / "data", get_data_dir()]
+    if os.environ.get("QLRLAB_DATA"):
+        candidates.insert(0, Path(os.environ["QLRLAB_DATA"]))
+    for root in candidates:
+        f = root / "fashion_mnist" / "train-images-idx3-ubyte.gz"
+        if f.exists():
+            x = torch.from_numpy(read_idx(f)[:n].astype("float32") / 255.0)
+            x = ((x - 0.2860) / 0.3530).unsqueeze(1)  # the training set's mean and std
+            labels = read_idx(f.with_name("train-labels-idx1-ubyte.gz"))[:n]
+            return x, torch.from_numpy(labels.astype("int64"))
+    return None
+
+
+def _teacher_labels(x: Tensor, classes: int, g: torch.Generator) -> Tensor:
+    """Labels of a fixed random linear teacher: a learnable task, so that no optimiser is
+    driven to the extreme logits that memorising random labels on one batch produces."""
+    w = torch.randn(x[0].numel(), classes, generator=g)
+    return (x.flatten(1) @ w).argmax(1)
+
+
+def make_problem(
+    name: str, batch: int, device: torch.device, pool: int = 1
+) -> tuple[nn.Module, nn.Module, list[Any]]:
+    """(model, loss, batches) for a benchmark model name: ``pool`` distinct batches.
+
+    Image models use real Fashion-MNIST images when the files are available (labels from a
+    fixed random teacher otherwise, with Gaussian images); the UCI MLP uses Gaussian data.
+    """
     g = torch.Generator().manual_seed(0)
-    if name == "fmnist_mlp":
-        model, loss = _mlp([784, 50, 10]), nn.CrossEntropyLoss()
-        x, y = (
-            torch.randn(batch, 1, 28, 28, generator=g),
-            torch.randint(0, 10, (batch,), generator=g),
-        )
-    elif name == "wide_mlp":
-        model, loss = _mlp([784, 256, 10]), nn.CrossEntropyLoss()
-        x, y = (
-            torch.randn(batch, 1, 28, 28, generator=g),
-            torch.randint(0, 10, (batch,), generator=g),
-        )
+    n = batch * pool
+    if name in ("fmnist_mlp", "wide_mlp", "cnn"):
+        if name == "fmnist_mlp":
+            model, loss = _mlp([784, 50, 10]), nn.CrossEntropyLoss()
+        elif name == "wide_mlp":
+            model, loss = _mlp([784, 256, 10]), nn.CrossEntropyLoss()
+        else:
+            model, loss = SmallCNN(), nn.CrossEntropyLoss()
+        real = _fmnist(n) if n <= 60000 else None
+        if real is not None:
+            x, y = real
+        else:
+            x = torch.randn(n, 1, 28, 28, generator=g)
+            y = _teacher_labels(x, 10, g)
     elif name == "uci_mlp":
         model, loss = _mlp([8, 50, 1]), HalfMSELoss()
-        x, y = torch.randn(batch, 8, generator=g), torch.randn(batch, 1, generator=g)
-    elif name == "cnn":
-        model, loss = SmallCNN(), nn.CrossEntropyLoss()
-        x, y = (
-            torch.randn(batch, 1, 28, 28, generator=g),
-            torch.randint(0, 10, (batch,), generator=g),
-        )
+        x = torch.randn(n, 8, generator=g)
+        y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
     elif name == "resnet18":
         from qlrlab.models import ResNet18
 
         model, loss = ResNet18(num_classes=10), nn.CrossEntropyLoss()
-        x, y = (
-            torch.randn(batch, 3, 32, 32, generator=g),
-            torch.randint(0, 10, (batch,), generator=g),
-        )
+        x = torch.randn(n, 3, 32, 32, generator=g)
+        y = _teacher_labels(x, 10, g)
     else:
         raise KeyError(name)
     torch.manual_seed(0)
-    return model.to(device), loss, (x.to(device), y.to(device))
+    batches = [
+        (x[i * batch : (i + 1) * batch].to(device), y[i * batch : (i + 1) * batch].to(device))
+        for i in range(pool)
+    ]
+    return model.to(device), loss, batches
 
 
 #: optimiser label -> (preset, overrides of the curvature back-end or None)
@@ -121,14 +165,14 @@ OPTIMISERS: dict[str, tuple[str, str | None]] = {
 
 
 def build_step(
-    label: str, model: nn.Module, loss_fn: nn.Module, batch: Any
-) -> tuple[Callable[[], Any], Any]:
-    """A zero-argument function doing one step, and the optimiser."""
+    label: str, model: nn.Module, loss_fn: nn.Module
+) -> tuple[Callable[[Any], Any], Any]:
+    """A function doing one step on the batch it is given, and the optimiser."""
     if label == "torch.optim.Adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        x, y = batch
 
-        def step() -> Any:
+        def step(batch: Any) -> Any:
+            x, y = batch
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -143,7 +187,7 @@ def build_step(
         data["curvature"]["backend"] = backend
         spec = type(spec).model_validate(data)
     copt = build_optimizer(spec, model, loss_fn)
-    return (lambda: copt.step(batch)), copt
+    return copt.step, copt
 
 
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
@@ -199,36 +243,56 @@ def peak_step_bytes(
     return base + peak
 
 
+def max_abs_output(model: nn.Module, batch: Any) -> float:
+    """Largest absolute network output on ``batch`` (eval mode, no side effects kept)."""
+    twin = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        return float(twin(batch[0]).abs().max())
+
+
 def bench_case(
-    model_name: str, batch: int, labels: list[str], warmup: int, steps: int, device: torch.device
+    model_name: str,
+    batch: int,
+    labels: list[str],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    pool: int = 8,
 ) -> list[dict[str, Any]]:
-    """Interleaved timing of all ``labels`` on one model × batch size."""
-    model0, loss_fn, data = make_problem(model_name, batch, device)
-    runs: dict[str, tuple[Callable[[], Any], Any, nn.Module]] = {}
+    """Interleaved timing of all ``labels`` on one model × batch size.
+
+    Round ``r`` gives every optimiser the same batch, number ``r mod pool`` of ``pool`` distinct
+    batches (real data where available), so that no optimiser memorises a single batch.
+    """
+    pool = max(1, min(pool, 60000 // batch))
+    model0, loss_fn, batches = make_problem(model_name, batch, device, pool)
+    runs: dict[str, tuple[Callable[[Any], Any], Any, nn.Module]] = {}
     for label in labels:
         model = copy.deepcopy(model0)
         try:
-            step, opt = build_step(label, model, loss_fn, data)
-            for _ in range(warmup):
-                step()
+            step, opt = build_step(label, model, loss_fn)
+            for i in range(warmup):
+                step(batches[i % pool])
         except Exception as exc:  # e.g. curvlinops cannot do train-mode BatchNorm
             print(f"  skip {label}: {type(exc).__name__}: {str(exc)[:100]}")
             continue
         runs[label] = (step, opt, model)
     times: dict[str, list[float]] = {k: [] for k in runs}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(steps):
+    for r in range(steps):
+        b = batches[(warmup + r) % pool]
         for label, (step, _, _) in runs.items():
             sync()
             t0 = time.perf_counter()
-            step()
+            step(b)
             sync()
             times[label].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref_t = med["torch.optim.Adam"]
-    mem = {k: peak_step_bytes(s, m, o, device) for k, (s, o, m) in runs.items()}
+    b = batches[0]
+    mem = {k: peak_step_bytes(lambda s=s: s(b), m, o, device) for k, (s, o, m) in runs.items()}
     ref_m = mem["torch.optim.Adam"]
-    batch_bytes = 0 if device.type == "cuda" else _tensor_bytes(list(data), set())
+    batch_bytes = 0 if device.type == "cuda" else _tensor_bytes(list(b), set())
     rows = []
     for label in runs:
         q1, _, q3 = statistics.quantiles(times[label], n=4)
@@ -245,6 +309,7 @@ def bench_case(
             "mem_with_batch_ratio_to_adam": (mem[label] + batch_bytes) / (ref_m + batch_bytes),
         }
         opt = runs[label][1]
+        row["max_abs_output"] = max_abs_output(runs[label][2], b)
         curv = getattr(opt, "curvature", None)
         row["ggn_path"] = getattr(curv, "last_path", None)
         rows.append(row)
@@ -267,15 +332,15 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
     head = (
         "| model | batch | optimiser | median ms | IQR ms | × Adam | peak MB | mem × Adam "
-        "| mem × Adam incl. batch | GGN path |"
+        "| mem × Adam incl. batch | GGN path | max abs output |"
     )
-    out = [head, "|" + "---|" * 10]
+    out = [head, "|" + "---|" * 11]
     for r in rows:
         out.append(
             f"| {r['model']} | {r['batch']} | {r['optimizer']} | {r['median_ms']:.2f} | "
             f"{r['iqr_ms']:.2f} | {r['ratio_to_adam']:.2f} | {r['peak_mb']:.1f} | "
             f"{r['mem_ratio_to_adam']:.2f} | {r['mem_with_batch_ratio_to_adam']:.2f} | "
-            f"{r['ggn_path'] or ''} |"
+            f"{r['ggn_path'] or ''} | {r['max_abs_output']:.1f} |"
         )
     fc = {(r["model"], r["batch"]): r["fast_over_curvlinops"] for r in rows}
     out.append("")

@@ -5,11 +5,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dot", "is_finite", "norm", "sq_norm"]
+__all__ = ["dot", "flat_span", "is_finite", "norm", "sq_norm"]
 
 
 def _flat(x: Tensor) -> Tensor:
     return x if x.ndim == 1 else x.reshape(-1)
+
+
+def flat_span(xs: list[Tensor]) -> Tensor | None:
+    """The 1-d view that ``xs`` tile back to back in one storage (e.g. the views of one flat
+    buffer that :class:`qlrlab.directions.adam.AdamDirection` returns), else ``None``."""
+    if len(xs) < 2:
+        return None
+    x0 = xs[0]
+    ptr = x0.untyped_storage().data_ptr()
+    start = off = x0.storage_offset()
+    for x in xs:
+        if (
+            x.storage_offset() != off
+            or not x.is_contiguous()
+            or x.dtype != x0.dtype
+            or x.untyped_storage().data_ptr() != ptr
+        ):
+            return None
+        off += x.numel()
+    return x0.as_strided((off - start,), (1,), start)
 
 
 def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
@@ -18,6 +38,10 @@ def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         return torch.zeros(())
     if len(xs) == 1:
         return (xs[0] * ys[0]).sum()
+    if xs is ys:
+        span = flat_span(xs)
+        if span is not None:  # one kernel instead of one per tensor plus a sum
+            return torch.dot(span, span)
     return torch.stack([torch.vdot(_flat(x), _flat(y)) for x, y in zip(xs, ys)]).sum()
 
 

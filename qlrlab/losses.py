@@ -19,6 +19,13 @@ loss (reduction ``mean``)  :math:`H_z u` per element; divided by the normaliser 
 
 For ``reduction="sum"`` the normaliser is 1. For cross-entropy the GGN equals the Fisher; for ½·MSE
 it equals the Fisher of a unit-variance Gaussian likelihood.
+
+Layout: with few classes (:math:`C \le` :data:`CLASS_MAJOR_MAX_CLASSES`) the cross-entropy quadratic
+form works on class-major ``(C, N)`` copies of the logits, so every reduction over classes runs
+across the batch in vector lanes (on the CPU the row-wise softmax of a ``(3200, 10)`` batch costs
+about as much as the whole class-major quadratic form: 190–220 µs against 355–380 µs measured).
+The value is the same up to round-off; the fast GGN path hands over a small last layer's tangent
+already class-major (as a transposed view).
 """
 
 from __future__ import annotations
@@ -127,6 +134,28 @@ def _bce_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | No
     return None if norm is None else s * (1 - s) * u / norm
 
 
+#: at most this many classes: cross-entropy reductions run class-major (see the module docstring)
+CLASS_MAJOR_MAX_CLASSES = 32
+
+
+def _class_major(z: Tensor) -> bool:
+    return z.ndim == 2 and z.shape[1] <= CLASS_MAJOR_MAX_CLASSES and z.shape[0] > z.shape[1]
+
+
+#: shifted logits below this are raised to it before ``exp`` in the class-major softmax: :math:`e^{-87} \approx 1.6\cdot
+#: 10^{-38}` is float32's smallest normal number, and CPU ``exp`` is an order of magnitude slower on
+#: inputs that underflow (measured 470 µs against 40 µs on 32k elements from an overconfident
+#: classifier). Each such term changes by less than :math:`1.7\cdot10^{-38}` next to a sum
+#: :math:`\ge 1`, far below round-off in either float32 or float64.
+EXP_FLOOR = -87.0
+
+
+def _softmax_class_major(zT: Tensor) -> Tensor:
+    """Softmax over dim 0 of a fresh contiguous ``(C, N)`` tensor, computed in place."""
+    zT.sub_(zT.amax(0)).clamp_min_(EXP_FLOOR).exp_()
+    return zT.div_(zT.sum(0))
+
+
 def _ce_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | None:
     r""":math:`u^\top H_z u` for cross-entropy without forming :math:`H_z u`: per position
     :math:`\sum_k p_k (u_k - \bar u)^2` with :math:`\bar u = p^\top u` (equal to
@@ -134,16 +163,22 @@ def _ce_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> T
     assert isinstance(loss_fn, nn.CrossEntropyLoss)
     if loss_fn.weight is not None:
         return None
-    class_dim = 1 if z.ndim > 1 else 0
-    p = torch.softmax(z, dim=class_dim)
-    dev = u - (p * u).sum(dim=class_dim, keepdim=True)
-    per_pos = (p * dev).mul_(dev).sum(dim=class_dim)
+    if _class_major(z):
+        p = _softmax_class_major(z.t().contiguous())  # (C, N)
+        uT = u.t().contiguous()  # no copy when u is a transposed view already
+        dev = uT - (p * uT).sum(0)
+        per_pos = p.mul_(dev).mul_(dev).sum(0)
+    else:
+        class_dim = 1 if z.ndim > 1 else 0
+        p = torch.softmax(z, dim=class_dim)
+        dev = u - (p * u).sum(dim=class_dim, keepdim=True)
+        per_pos = (p * dev).mul_(dev).sum(dim=class_dim)
     if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         mask = y != loss_fn.ignore_index
         count = mask.sum()
         total = (per_pos * mask).sum()
     else:  # class probabilities
-        count = z.numel() // z.shape[class_dim]
+        count = z.numel() // z.shape[1 if z.ndim > 1 else 0]
         total = per_pos.sum()
     norm = _normaliser(loss_fn.reduction, count)
     return None if norm is None else total / norm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +88,43 @@ def test_adam_fixed_equals_torch_adam(weight_decay: float, dtype: torch.dtype, t
     _assert_same(model, ref, l_ours, l_ref, tol)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_fused_adam_direction_equals_the_foreach_formula(
+    weight_decay: float, dtype: torch.dtype, tol: float
+) -> None:
+    """The fused-kernel direction (views of one flat buffer) and the foreach path agree."""
+    from qlrlab.directions.adam import AdamDirection, AdamSpec
+
+    model, loss_fn, batches = _problem(dtype)
+    params = list(model.parameters())
+    spec = AdamSpec(beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=weight_decay)
+    fused, plain = AdamDirection(spec), AdamDirection(spec)
+    plain.fused = False
+    for comp in (fused, plain):
+        comp.setup(params, model, loss_fn)
+
+    # the direction only reads ctx.problem.params (weight decay)
+    ctx = SimpleNamespace(problem=SimpleNamespace(params=params))
+    for x, y in batches[:10]:
+        grads = list(torch.autograd.grad(loss_fn(model(x), y), params))
+        assert fused._can_fuse(grads)
+        d1 = fused.compute(grads, ctx)  # type: ignore[arg-type]
+        d2 = plain.compute(grads, ctx)  # type: ignore[arg-type]
+        base = d1[0].untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == base for t in d1)  # one flat buffer
+        for a, b in zip(d1, d2):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        for a, b in zip(fused.exp_avg + fused.exp_avg_sq, plain.exp_avg + plain.exp_avg_sq):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        with torch.no_grad():
+            for p, t in zip(params, d1):
+                p.sub_(1e-2 * t)
+    # a non-contiguous moment buffer disables the kernel (the foreach path takes over)
+    fused.exp_avg[0] = fused.exp_avg[0].t().contiguous().t()
+    assert not fused._can_fuse(grads)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -151,3 +189,21 @@ def test_adam_preset_is_torch_adam_default() -> None:
     l_ref = _run_torch(ref, loss_fn, torch.optim.Adam(ref.parameters()), batches)
     l_ours = _run_ours(model, loss_fn, qlrlab.presets.adam(), batches)
     _assert_same(model, ref, l_ours, l_ref, 1e-12)
+
+
+def test_flat_span_and_sq_norm_of_views_of_one_buffer() -> None:
+    from qlrlab._tensorlist import dot, flat_span, sq_norm
+
+    torch.manual_seed(0)
+    flat = torch.randn(17, dtype=torch.float64)
+    xs = [flat[:12].view(3, 4), flat[12:15], flat[15:]]
+    span = flat_span(xs)
+    assert span is not None and torch.equal(span, flat)
+    assert sq_norm(xs) == pytest.approx(float(flat @ flat), rel=1e-14)
+    separate = [x.clone() for x in xs]
+    assert flat_span(separate) is None
+    assert sq_norm(separate) == pytest.approx(float(flat @ flat), rel=1e-14)
+    assert flat_span([flat[:4], flat[5:9]]) is None  # a gap
+    assert flat_span([flat[:12].view(4, 3).t(), flat[12:]]) is None  # not contiguous
+    assert flat_span([flat[4:8], flat[:4]]) is None  # out of order
+    assert dot(xs, separate) == pytest.approx(float(flat @ flat), rel=1e-14)

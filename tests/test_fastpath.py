@@ -288,20 +288,62 @@ def test_hookless_sequential_runner_matches_hooks(kind: str) -> None:
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("case", ["labels", "ignore", "probs", "spatial", "sum"])
+@pytest.mark.parametrize(
+    "case",
+    ["labels", "ignore", "probs", "spatial", "sum", "many_classes", "class_major_u", "extreme"],
+)
 def test_fused_ce_quadratic_form_matches_hvp(case: str) -> None:
+    """Row-major (spatial, many classes) and class-major (few classes) forms agree with
+    u^T (H_z u)."""
     from qlrlab.losses import output_hvp, output_quadratic_form
 
     torch.manual_seed(0)
-    shape = (6, 4, 3, 2) if case == "spatial" else (6, 4)
+    shape = {"spatial": (6, 4, 3, 2), "many_classes": (50, 40)}.get(case, (6, 4))
     z, u = torch.randn(shape, dtype=DT), torch.randn(shape, dtype=DT)
+    if case == "extreme":  # overconfident logits: exp of the shifted logits underflows
+        z = 300 * z
+    if case == "class_major_u":  # what the fast path hands over for a small head
+        u = u.t().contiguous().t()
     lf = nn.CrossEntropyLoss(reduction="sum" if case == "sum" else "mean")
     if case == "probs":
         y = torch.softmax(torch.randn(shape, dtype=DT), 1)
     else:
-        y = torch.randint(0, 4, (shape[0], *shape[2:]))
+        y = torch.randint(0, shape[1], (shape[0], *shape[2:]))
         if case == "ignore":
             y[1] = lf.ignore_index
     want = (u * output_hvp(lf, z, y, u)).sum()
     got = output_quadratic_form(lf, z, y, u)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_small_linear_head_runs_class_major_with_the_same_values(monkeypatch) -> None:
+    """A Linear layer with few outputs returns transposed views (class-major products); with
+    the threshold at 0 the row-major products give the same tangents and shifted loss."""
+    from qlrlab.curvature import _fastpath
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 5)).to(DT)
+    x, y = torch.randn(64, 12, dtype=DT), torch.randint(0, 5, (64,))
+    lf = nn.CrossEntropyLoss()
+    results = []
+    for limit in (16, 0):
+        monkeypatch.setattr(_fastpath, "CLASS_MAJOR_MAX_OUT", limit)
+        for p in model.parameters():
+            p.grad = None
+        fast, gen = _bound_pair(model, lf, x, y)
+        torch.manual_seed(1)
+        v = [torch.randn_like(p) for p in model.parameters()]
+        _, u = fast.jvp(v)
+        assert u.is_contiguous() == (limit == 0)
+        torch.testing.assert_close(u, gen.jvp(v)[1], rtol=1e-12, atol=1e-12)
+        q = fast.quadratic_form(v)
+        after = fast.loss_after(torch.tensor(0.2, dtype=DT), v)
+        results.append((u, q, after))
+    (u1, q1, a1), (u0, q0, a0) = results
+    torch.testing.assert_close(u1, u0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q1, q0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a1, a0, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), v):
+            p.sub_(0.2 * t)
+        torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)

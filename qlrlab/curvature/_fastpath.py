@@ -26,6 +26,12 @@ and the first optimised layer is *affine in its own parameters* at a fixed input
 output is exactly :math:`x_l - \alpha u_l` with no new matrix product; only later layers are
 recomputed. For the usual MLPs and CNNs the first layer dominates the cost.
 
+A ``Linear`` layer with few outputs (at most :data:`CLASS_MAJOR_MAX_OUT`, e.g. a classifier head)
+computes its tangent and shifted output *class-major*, :math:`(W u^\top)^\top`, and returns the
+transposed view: BLAS is several times faster at producing a ``(10, 3200)`` result than a
+``(3200, 10)`` one, and the loss's class reductions then run across the batch
+(:mod:`qlrlab.losses`). Values are the same up to round-off; every later operation accepts the view.
+
 The chain is checked while it is recorded (each leaf's input must be the previous leaf's output
 or a view of it, the first input must not require grad, the model's output must be the last
 leaf's output, no cached tensor may be modified in place afterwards); when any check fails the
@@ -47,9 +53,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.pooling import _MaxPoolNd
 
-__all__ = ["ChainRecorder", "ChainTangents", "Record", "fast_path_unsupported"]
+__all__ = [
+    "CLASS_MAJOR_MAX_OUT",
+    "ChainRecorder",
+    "ChainTangents",
+    "Record",
+    "fast_path_unsupported",
+]
 
 _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+#: a Linear layer with at most this many outputs computes tangents and shifted outputs class-major
+CLASS_MAJOR_MAX_OUT = 16
 #: parameter-free leaves whose tangent is the input tangent reshaped to the output's shape
 _PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd)
 
@@ -539,6 +553,8 @@ class ChainTangents:
                 out = t.expand(r.y_shape).contiguous() if out is None else out + t
             assert out is not None
             return out
+        if kind == "linear" and _class_major(m, x if u is None else u):
+            return _class_major_tangent(m, x, u, dw, db)
         lin = F.linear if kind == "linear" else m._conv_forward
         out = None
         if u is not None:
@@ -592,7 +608,7 @@ class ChainTangents:
             if bi >= 0:
                 b = b - alpha * v[bi]
             if kind == "linear":
-                xn = F.linear(xn, w, b)
+                xn = _linear_class_major(xn, w, b) if _class_major(m, xn) else F.linear(xn, w, b)
             elif kind == "conv":
                 xn = m._conv_forward(xn, w, b)
             else:
@@ -609,6 +625,40 @@ class ChainTangents:
                 )
         self._key = None
         return self.chain[-1].y if xn is None else xn
+
+
+def _class_major(m: Any, x: Tensor | None) -> bool:
+    """Whether a Linear layer's products run class-major (few outputs, a 2-d batch)."""
+    return (
+        x is not None
+        and x.ndim == 2
+        and m.out_features <= CLASS_MAJOR_MAX_OUT
+        and x.shape[0] > 4 * m.out_features
+    )
+
+
+def _linear_class_major(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear(x, w, b)`` as the transposed view of :math:`W x^\top + b`."""
+    out = torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())
+    return out.t()
+
+
+def _class_major_tangent(
+    m: Any, x: Tensor | None, u: Tensor | None, dw: Tensor | None, db: Tensor | None
+) -> Tensor:
+    r""":math:`u W^\top + x\,dW^\top + db` computed as the transposed view of
+    :math:`W u^\top + dW x^\top + db` (one output buffer, accumulated in place)."""
+    out: Tensor | None = None
+    if u is not None:
+        out = _linear_class_major(u, m.weight, db).t()
+        db = None
+    if dw is not None:
+        assert x is not None
+        out = _linear_class_major(x, dw, db).t() if out is None else out.addmm_(dw, x.t())
+    elif out is None:
+        assert db is not None and x is not None
+        out = db.unsqueeze(1).expand(db.shape[0], x.shape[0]).contiguous()
+    return out.t()
 
 
 def _pair(v: Any) -> tuple[int, int]:

@@ -8,6 +8,14 @@
 With the ``fixed`` step size :math:`\\alpha` this is exactly ``torch.optim.Adam`` (``w = 0``) or
 ``torch.optim.AdamW`` (decoupled weight decay :math:`w`, applied as :math:`\\alpha w \\theta`).
 AdamQLR keeps this direction and chooses :math:`\\alpha` from a quadratic model.
+
+Implementation: when every tensor is a dense, contiguous floating-point tensor on one CPU or CUDA
+device and ``bias_correction`` is on, the moments and :math:`d` come from PyTorch's fused Adam
+kernel (``torch._fused_adam_``, the kernel behind ``torch.optim.Adam(fused=True)``) run with
+``lr = -1`` on a zero buffer, which then holds :math:`d`: one kernel instead of eight ``foreach``
+passes (a quarter of the time on the 40k-parameter Fashion-MNIST MLP). :math:`d` is returned as
+views of one flat buffer, so later global reductions (:math:`\\|d\\|^2`) are single kernels.
+Otherwise the same formula runs as ``foreach`` operations. The two agree to round-off (tested).
 """
 
 from __future__ import annotations
@@ -60,12 +68,41 @@ class AdamDirection(DirectionProvider):
         self.step = 0
         self.exp_avg: list[Tensor] = []
         self.exp_avg_sq: list[Tensor] = []
+        #: use the fused kernel when the tensors allow it (see the module docstring)
+        self.fused = True
+        self._shapes: list[torch.Size] = []
+        self._numels: list[int] = []
+        self._step_t: Tensor | None = None
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
         """Allocate zero moments shaped like ``params``."""
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.step = 0
+        self._shapes = [p.shape for p in params]
+        self._numels = [p.numel() for p in params]
+        self._step_t = None
+
+    def _can_fuse(self, grads: list[Tensor]) -> bool:
+        """Whether :func:`torch._fused_adam_` can compute this step's direction."""
+        if not (self.fused and self.spec.bias_correction and grads):
+            return False
+        if not hasattr(torch, "_fused_adam_"):
+            return False
+        g0 = grads[0]
+        dev, dt = g0.device, g0.dtype
+        if dev.type not in ("cpu", "cuda") or not dt.is_floating_point:
+            return False
+        for t in (*grads, *self.exp_avg, *self.exp_avg_sq):
+            if (
+                t.device != dev
+                or t.dtype != dt
+                or t.layout is not torch.strided
+                or not t.is_contiguous()
+                or type(t) is not Tensor
+            ):
+                return False
+        return len(grads) == len(self.exp_avg)
 
     def compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
         """Update the moments with ``grads`` and return :math:`d`."""
@@ -75,6 +112,8 @@ class AdamDirection(DirectionProvider):
     def _compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
         s = self.spec
         self.step += 1
+        if self._can_fuse(grads):
+            return self._compute_fused(grads, ctx)
         m, v = self.exp_avg, self.exp_avg_sq
         torch._foreach_lerp_(m, grads, 1.0 - s.beta1)
         torch._foreach_mul_(v, s.beta2)
@@ -92,6 +131,25 @@ class AdamDirection(DirectionProvider):
         if s.weight_decay:
             torch._foreach_add_(d, ctx.problem.params, alpha=s.weight_decay)
         return list(d)
+
+    def _compute_fused(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:
+        """The fused kernel's ``param -= lr * update`` with ``lr = -1`` on zeros gives :math:`d`."""
+        s = self.spec
+        g0 = grads[0]
+        flat = torch.zeros(sum(self._numels), dtype=g0.dtype, device=g0.device)
+        d = [t.view(sh) for t, sh in zip(flat.split(self._numels), self._shapes)]
+        step_t = self._step_t
+        if step_t is None or step_t.device != g0.device:
+            step_t = self._step_t = torch.zeros((), dtype=torch.float32, device=g0.device)
+        step_t.fill_(float(self.step))
+        torch._fused_adam_(
+            d, grads, self.exp_avg, self.exp_avg_sq, [], [step_t] * len(d),
+            amsgrad=False, lr=-1.0, beta1=s.beta1, beta2=s.beta2, weight_decay=0.0,
+            eps=s.eps, maximize=False,
+        )  # fmt: skip
+        if s.weight_decay:
+            torch._foreach_add_(d, ctx.problem.params, alpha=s.weight_decay)
+        return d
 
     def state_dict(self) -> dict[str, Any]:
         """``step`` and the two moment lists."""
