@@ -7,12 +7,13 @@ with its ratio to ``torch.optim.Adam``'s median in the same rounds.
 
 Data: the image models train on real Fashion-MNIST images and labels when the files are found
 (``../shared/data/fashion_mnist``, ``$QLRLAB_DATA`` or the qlrlab data directory), otherwise on
-Gaussian images labelled by a fixed random teacher; rounds cycle through up to 8 distinct batches
-(every optimiser gets the same batch in a round). A learnable task matters for a fair timing:
-memorising random labels on one repeated batch drives an adaptive-step optimiser to logits of
-±300, where CPU ``exp`` (inside every cross-entropy, the user's own loss included) takes an
-underflow slow path ten times slower than usual, so the optimisers would no longer be timed on
-comparable numbers. The table reports each model's largest absolute output after the run.
+Gaussian images labelled by a fixed random teacher; every round uses a new batch while the data
+last (every optimiser gets the same batch in a round). Fresh, learnable batches matter for a fair
+timing: memorising random labels on one repeated batch (or a handful of real ones) drives an
+adaptive-step optimiser to logits of ±300 up to ±10⁶, where CPU ``exp`` (inside every
+cross-entropy, the user's own loss included) takes an underflow slow path ten times slower than
+usual, so the optimisers would no longer be timed on comparable numbers. The table reports each
+model's largest absolute output after the run.
 
 Peak memory:
 
@@ -257,13 +258,16 @@ def bench_case(
     warmup: int,
     steps: int,
     device: torch.device,
-    pool: int = 8,
+    pool: int | None = None,
 ) -> list[dict[str, Any]]:
     """Interleaved timing of all ``labels`` on one model × batch size.
 
     Round ``r`` gives every optimiser the same batch, number ``r mod pool`` of ``pool`` distinct
-    batches (real data where available), so that no optimiser memorises a single batch.
+    batches (real data where available; by default as many as the run has steps, up to the
+    60 000 training images and at most 64), so that no optimiser memorises a few batches.
     """
+    if pool is None:
+        pool = min(warmup + steps, 64)
     pool = max(1, min(pool, 60000 // batch))
     model0, loss_fn, batches = make_problem(model_name, batch, device, pool)
     runs: dict[str, tuple[Callable[[Any], Any], Any, nn.Module]] = {}

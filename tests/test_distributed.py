@@ -44,11 +44,14 @@ def _problem(kind: str) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch
 
 
 def _spec(backend: str) -> dict:
-    if backend == "kfac":
+    if backend.startswith("kfac"):
         from qlrlab.presets import kfac
 
-        spec = kfac(fisher="type-2").model_dump()
+        mode = "exact" if backend.endswith("exact") else "factored_pi"
+        spec = kfac(fisher="type-2", damping_mode=mode).model_dump()
         spec["track_rho"] = True
+        if "owner" in backend:  # one worker per layer inverts and broadcasts
+            spec["direction"]["inverses"] = "owner"
         return spec
     return {
         "direction": {"name": "adam"},
@@ -69,6 +72,8 @@ CASES = [
     ("ce", "own", True),
     ("ce", "kfac", False),  # K-FAC with exact (KFLR) factors: averaged over the workers
     ("halfmse", "kfac", False),
+    ("ce", "kfac_owner", False),  # layer 0's inverses from rank 0, layer 1's from rank 1
+    ("halfmse", "kfac_owner_exact", False),
 ]
 
 
@@ -93,7 +98,8 @@ def _worker(rank: int, world: int, port: int, out) -> None:
 
 def test_two_workers_match_one_process() -> None:
     """AdamQLR (fast path, general path, DDP-wrapped model) and K-FAC (exact factors, adaptive
-    α, μ, λ) with 2 gloo workers × half batch."""
+    α, μ, λ; inverses redundant or from one owner per layer, factored and exact damping) with
+    2 gloo workers × half batch."""
     from qlrlab import build_optimizer
 
     ctx = mp.get_context("spawn")
@@ -126,7 +132,7 @@ def test_two_workers_match_one_process() -> None:
                 torch.testing.assert_close(pw, pr, rtol=1e-10, atol=1e-12)
             per_rank.append((infos, params))
         # identical on both workers, bit for bit
-        assert per_rank[0][0] == per_rank[1][0]
+        assert per_rank[0][0] == per_rank[1][0], CASES[ci]
         assert all(torch.equal(a, b) for a, b in zip(per_rank[0][1], per_rank[1][1]))
 
 

@@ -31,6 +31,15 @@ optimised), and the weight's damped :math:`(G + \pi^{-1}\sqrt\lambda I)^{-1}` in
 modes (curvlinops' convention for separate biases). Each factor's damping is floored at
 ``min_damping``. Cholesky and ``eigh`` run in the factor dtype and are retried in float64.
 
+Data parallelism: the fresh factors are averaged over the workers before the EMA, so every worker
+holds identical factors. ``inverses`` says who inverts them: ``redundant`` (default) — every
+worker computes every inverse (identical inputs give identical results, no communication; the
+cheaper choice while the inversions cost less than broadcasting their results, e.g. small layers
+or a fast interconnect) — or ``owner`` — layer :math:`l`'s inverses are computed only by worker
+:math:`l \bmod W` and broadcast from it (``torch.distributed.broadcast``), which divides the
+inversion work by :math:`W` for models with many large layers. Outside ``torch.distributed`` the
+two are the same.
+
 Parameters of other layers follow ``fallback``: ``diag_ggn`` (the GGN diagonal of the same
 BackPACK pass, MC or exact like the factors, averaged the same way, preconditioner
 :math:`(\operatorname{diag} + \lambda)^{-1}`), ``identity`` (the gradient) or ``error``
@@ -78,6 +87,9 @@ class KFACSpec(ComponentSpec):
             ``"identity"`` or ``"error"``.
         converter: BackPACK's fx converter: ``"auto"`` (for anything but plain ``nn.Sequential``
             models, e.g. residual nets), ``"always"`` or ``"never"``.
+        inverses: under ``torch.distributed``, ``"redundant"`` (every worker inverts every
+            factor) or ``"owner"`` (one worker per layer inverts and broadcasts; see the module
+            docstring).
     """
 
     name: Literal["kfac"] = "kfac"
@@ -89,6 +101,7 @@ class KFACSpec(ComponentSpec):
     min_damping: float = Field(1e-8, ge=0.0)
     fallback: Literal["diag_ggn", "identity", "error"] = "diag_ggn"
     converter: Literal["auto", "always", "never"] = "auto"
+    inverses: Literal["redundant", "owner"] = "redundant"
 
     @model_validator(mode="after")
     def _check(self) -> KFACSpec:
@@ -102,6 +115,15 @@ class KFACSpec(ComponentSpec):
     def build(self) -> KFACDirection:
         """Build the direction provider."""
         return KFACDirection(self)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default ``torch.distributed`` group, (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def damped_cholesky_inverse(m: Tensor, damping: float) -> Tensor:
@@ -191,42 +213,85 @@ class KFACDirection(DirectionProvider):
         s = self.spec
         lam = max(lam, s.min_damping)
         assert self.twin is not None
-        for lay in self.twin.layers:
-            if lay.kind == "fallback":
+        rank, world = _rank_and_world() if s.inverses == "owner" else (0, 1)
+        for li, lay in enumerate(self.twin.layers):
+            if lay.kind == "fallback":  # element-wise: always computed locally
                 for i in lay.others:
                     f = self.factors[i]
                     self.inverses[i] = None if f is None else [1.0 / (f[0] + lam)]
                 continue
-            has_w = lay.weight is not None and self.factors[lay.weight] is not None
-            if lay.bias is not None and self.factors[lay.bias] is not None:
-                if s.damping_mode == "exact" or not has_w:
-                    (g,) = self.factors[lay.bias]  # type: ignore[misc]
-                    self.inverses[lay.bias] = [damped_cholesky_inverse(g, lam)]
-            if not has_w:
-                continue
-            assert lay.weight is not None
-            g, a = self.factors[lay.weight]  # type: ignore[misc]
-            if s.damping_mode == "exact":
-                eg, qg = safe_eigh(g)
-                ea, qa = safe_eigh(a)
-                denom = eg.clamp_min(0.0)[:, None] * ea.clamp_min(0.0)[None, :] + lam
-                self.inverses[lay.weight] = [qg, qa, 1.0 / denom]
-                continue
-            pi = 1.0
-            if s.damping_mode == "factored_pi":
-                tr_a = float(a.diagonal().mean())
-                tr_g = float(g.diagonal().mean())
-                if tr_a >= 0.0 and tr_g > 0.0:
-                    pi = math.sqrt(tr_a / tr_g)
-            root = math.sqrt(lam)
-            damp_a = max(pi * root, s.min_damping)
-            damp_g = max(root / pi, s.min_damping)
-            ginv = damped_cholesky_inverse(g, damp_g)
-            self.inverses[lay.weight] = [ginv, damped_cholesky_inverse(a, damp_a)]
-            if lay.bias is not None and self.factors[lay.bias] is not None:
-                # curvlinops convention: the bias shares the weight's damped G inverse
-                self.inverses[lay.bias] = [ginv]
+            owner = li % world
+            if owner == rank:
+                self._invert_layer(lay, lam)
+            else:
+                self._placeholder_layer(lay)
+            if world > 1:
+                import torch.distributed as dist
+
+                # broadcast sends raw memory: row-major on both sides (eigh and Cholesky
+                # results may be column-major); the bias may share the weight's G inverse
+                dense: dict[int, Tensor] = {}
+                for i in (lay.weight, lay.bias):
+                    if i is not None and self.inverses[i] is not None:
+                        self.inverses[i] = [
+                            dense.setdefault(id(t), t.contiguous())
+                            for t in self.inverses[i]  # type: ignore[union-attr]
+                        ]
+                for t in dense.values():
+                    dist.broadcast(t, src=owner)
         self.inverse_damping = lam
+
+    def _invert_layer(self, lay: Any, lam: float) -> None:
+        """Damped inverses of one Kronecker-factored layer (weight and bias)."""
+        s = self.spec
+        has_w = lay.weight is not None and self.factors[lay.weight] is not None
+        if lay.bias is not None and self.factors[lay.bias] is not None:
+            if s.damping_mode == "exact" or not has_w:
+                (g,) = self.factors[lay.bias]  # type: ignore[misc]
+                self.inverses[lay.bias] = [damped_cholesky_inverse(g, lam)]
+        if not has_w:
+            return
+        assert lay.weight is not None
+        g, a = self.factors[lay.weight]  # type: ignore[misc]
+        if s.damping_mode == "exact":
+            eg, qg = safe_eigh(g)
+            ea, qa = safe_eigh(a)
+            denom = eg.clamp_min(0.0)[:, None] * ea.clamp_min(0.0)[None, :] + lam
+            self.inverses[lay.weight] = [qg, qa, 1.0 / denom]
+            return
+        pi = 1.0
+        if s.damping_mode == "factored_pi":
+            tr_a = float(a.diagonal().mean())
+            tr_g = float(g.diagonal().mean())
+            if tr_a >= 0.0 and tr_g > 0.0:
+                pi = math.sqrt(tr_a / tr_g)
+        root = math.sqrt(lam)
+        damp_a = max(pi * root, s.min_damping)
+        damp_g = max(root / pi, s.min_damping)
+        ginv = damped_cholesky_inverse(g, damp_g)
+        self.inverses[lay.weight] = [ginv, damped_cholesky_inverse(a, damp_a)]
+        if lay.bias is not None and self.factors[lay.bias] is not None:
+            # curvlinops convention: the bias shares the weight's damped G inverse
+            self.inverses[lay.bias] = [ginv]
+
+    def _placeholder_layer(self, lay: Any) -> None:
+        """Buffers shaped like :meth:`_invert_layer`'s results, to receive a broadcast."""
+        has_w = lay.weight is not None and self.factors[lay.weight] is not None
+        exact = self.spec.damping_mode == "exact"
+        if lay.bias is not None and self.factors[lay.bias] is not None and (exact or not has_w):
+            (g,) = self.factors[lay.bias]  # type: ignore[misc]
+            self.inverses[lay.bias] = [torch.empty_like(g)]
+        if not has_w:
+            return
+        g, a = self.factors[lay.weight]  # type: ignore[misc]
+        if exact:
+            denom = g.new_empty(g.shape[0], a.shape[0])
+            self.inverses[lay.weight] = [torch.empty_like(g), torch.empty_like(a), denom]
+            return
+        ginv = torch.empty_like(g)
+        self.inverses[lay.weight] = [ginv, torch.empty_like(a)]
+        if lay.bias is not None and self.factors[lay.bias] is not None:
+            self.inverses[lay.bias] = [ginv]
 
     def _apply(self, grads: list[Tensor]) -> list[Tensor]:
         assert self.twin is not None
@@ -261,9 +326,9 @@ class KFACDirection(DirectionProvider):
         """Average the fresh factors, refresh the inverses if due, return :math:`d = F^{-1} g`.
 
         Under data parallelism the fresh factors are first averaged over the workers with
-        ``ctx.all_reduce`` (each worker's factors are means over its equal share of the batch),
-        and the inverses are then computed redundantly on every worker: identical inputs give
-        identical inverses, with no extra communication.
+        ``ctx.all_reduce`` (each worker's factors are means over its equal share of the batch);
+        the inverses are then computed on every worker (``inverses: redundant``) or by one
+        owner per layer and broadcast (``inverses: owner``).
         """
         assert self.twin is not None, "setup() was not called"
         fresh = self.twin.collect()
