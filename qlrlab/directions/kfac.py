@@ -35,8 +35,8 @@ Data parallelism: the fresh factors are averaged over the workers before the EMA
 holds identical factors. ``inverses`` says who inverts them: ``redundant`` (default) — every
 worker computes every inverse (identical inputs give identical results, no communication; the
 cheaper choice while the inversions cost less than broadcasting their results, e.g. small layers
-or a fast interconnect) — or ``owner`` — layer :math:`l`'s inverses are computed only by worker
-:math:`l \bmod W` and broadcast from it (``torch.distributed.broadcast``), which divides the
+or a fast interconnect) — or ``owner`` — the :math:`l`-th Kronecker-factored layer's inverses are computed only by worker
+:math:`l \bmod W` and broadcast from it (:func:`qlrlab.distributed.broadcast_from_owners`), which divides the
 inversion work by :math:`W` for models with many large layers. Outside ``torch.distributed`` the
 two are the same.
 
@@ -65,6 +65,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from qlrlab.directions._backpack import BackpackTwin
+from qlrlab.distributed import broadcast_from_owners, is_distributed
 from qlrlab.interfaces import DirectionProvider, StepContext
 from qlrlab.registry import DIRECTIONS, ComponentSpec
 
@@ -115,15 +116,6 @@ class KFACSpec(ComponentSpec):
     def build(self) -> KFACDirection:
         """Build the direction provider."""
         return KFACDirection(self)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default ``torch.distributed`` group, (0, 1) outside one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def damped_cholesky_inverse(m: Tensor, damping: float) -> Tensor:
@@ -213,32 +205,32 @@ class KFACDirection(DirectionProvider):
         s = self.spec
         lam = max(lam, s.min_damping)
         assert self.twin is not None
-        rank, world = _rank_and_world() if s.inverses == "owner" else (0, 1)
-        for li, lay in enumerate(self.twin.layers):
+        kfac_layers = []
+        for lay in self.twin.layers:
             if lay.kind == "fallback":  # element-wise: always computed locally
                 for i in lay.others:
                     f = self.factors[i]
                     self.inverses[i] = None if f is None else [1.0 / (f[0] + lam)]
-                continue
-            owner = li % world
-            if owner == rank:
-                self._invert_layer(lay, lam)
             else:
-                self._placeholder_layer(lay)
-            if world > 1:
-                import torch.distributed as dist
+                kfac_layers.append(lay)
+        if s.inverses == "owner" and is_distributed():
+            # pre-allocated buffers on every worker; the owner fills them (copy_ also makes
+            # column-major eigh/Cholesky results row-major, as the broadcast's raw memory must be)
+            buffers = [self._placeholder_layer(lay) for lay in kfac_layers]
 
-                # broadcast sends raw memory: row-major on both sides (eigh and Cholesky
-                # results may be column-major); the bias may share the weight's G inverse
-                dense: dict[int, Tensor] = {}
-                for i in (lay.weight, lay.bias):
-                    if i is not None and self.inverses[i] is not None:
-                        self.inverses[i] = [
-                            dense.setdefault(id(t), t.contiguous())
-                            for t in self.inverses[i]  # type: ignore[union-attr]
-                        ]
-                for t in dense.values():
-                    dist.broadcast(t, src=owner)
+            def compute(j: int) -> None:
+                lay = kfac_layers[j]
+                keep = {i: self.inverses[i] for i in (lay.weight, lay.bias) if i is not None}
+                self._invert_layer(lay, lam)
+                for i, dst in keep.items():
+                    for d, t in zip(dst or [], self.inverses[i] or []):
+                        d.copy_(t)
+                    self.inverses[i] = dst
+
+            broadcast_from_owners(buffers, compute)
+        else:
+            for lay in kfac_layers:
+                self._invert_layer(lay, lam)
         self.inverse_damping = lam
 
     def _invert_layer(self, lay: Any, lam: float) -> None:
@@ -274,24 +266,28 @@ class KFACDirection(DirectionProvider):
             # curvlinops convention: the bias shares the weight's damped G inverse
             self.inverses[lay.bias] = [ginv]
 
-    def _placeholder_layer(self, lay: Any) -> None:
-        """Buffers shaped like :meth:`_invert_layer`'s results, to receive a broadcast."""
+    def _placeholder_layer(self, lay: Any) -> list[Tensor]:
+        """Set one layer's inverses to empty buffers shaped like :meth:`_invert_layer`'s
+        results (to receive a broadcast); returns them, each once."""
         has_w = lay.weight is not None and self.factors[lay.weight] is not None
         exact = self.spec.damping_mode == "exact"
+        out: list[Tensor] = []
         if lay.bias is not None and self.factors[lay.bias] is not None and (exact or not has_w):
             (g,) = self.factors[lay.bias]  # type: ignore[misc]
             self.inverses[lay.bias] = [torch.empty_like(g)]
+            out += self.inverses[lay.bias]  # type: ignore[arg-type]
         if not has_w:
-            return
+            return out
         g, a = self.factors[lay.weight]  # type: ignore[misc]
         if exact:
             denom = g.new_empty(g.shape[0], a.shape[0])
             self.inverses[lay.weight] = [torch.empty_like(g), torch.empty_like(a), denom]
-            return
-        ginv = torch.empty_like(g)
-        self.inverses[lay.weight] = [ginv, torch.empty_like(a)]
-        if lay.bias is not None and self.factors[lay.bias] is not None:
-            self.inverses[lay.bias] = [ginv]
+        else:
+            ginv = torch.empty_like(g)
+            self.inverses[lay.weight] = [ginv, torch.empty_like(a)]
+            if lay.bias is not None and self.factors[lay.bias] is not None:
+                self.inverses[lay.bias] = [ginv]  # shared, as in _invert_layer
+        return out + self.inverses[lay.weight]  # type: ignore[operator]
 
     def _apply(self, grads: list[Tensor]) -> list[Tensor]:
         assert self.twin is not None
