@@ -637,10 +637,14 @@ def _class_major(m: Any, x: Tensor | None) -> bool:
     )
 
 
+def _product_class_major(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """:math:`W x^\top + b` as a contiguous ``(out, batch)`` tensor."""
+    return torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())
+
+
 def _linear_class_major(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``F.linear(x, w, b)`` as the transposed view of :math:`W x^\top + b`."""
-    out = torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())
-    return out.t()
+    return _product_class_major(x, w, b).t()
 
 
 def _class_major_tangent(
@@ -650,11 +654,11 @@ def _class_major_tangent(
     :math:`W u^\top + dW x^\top + db` (one output buffer, accumulated in place)."""
     out: Tensor | None = None
     if u is not None:
-        out = _linear_class_major(u, m.weight, db).t()
+        out = _product_class_major(u, m.weight, db)
         db = None
     if dw is not None:
         assert x is not None
-        out = _linear_class_major(x, dw, db).t() if out is None else out.addmm_(dw, x.t())
+        out = _product_class_major(x, dw, db) if out is None else out.addmm_(dw, x.t())
     elif out is None:
         assert db is not None and x is not None
         out = db.unsqueeze(1).expand(db.shape[0], x.shape[0]).contiguous()
