@@ -134,14 +134,8 @@ class RstToMarkdown(griffe.Extension):
                 i += 1
                 continue
             indent = line[: len(line) - len(stripped)]
-            body = [stripped[len(".. math::") :].strip()]
-            i += 1
-            while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > len(indent)):
-                body.append(lines[i].strip())
-                i += 1
-            while body and not body[-1]:
-                body.pop()
-            body = [b for b in body if b]
+            rest, i = _indented_block(lines, i + 1, len(indent))
+            body = [b.strip() for b in [stripped[len(".. math::") :], *rest] if b.strip()]
             trailing_blank = i < len(lines)
             out += [f"{indent}$$", *(f"{indent}{b}" for b in body), f"{indent}$$"]
             if trailing_blank:
@@ -161,12 +155,7 @@ class RstToMarkdown(griffe.Extension):
                 while j < len(lines) and not lines[j].strip():
                     j += 1
                 if j < len(lines) and _indent(lines[j]) > base:
-                    block: list[str] = []
-                    while j < len(lines) and (not lines[j].strip() or _indent(lines[j]) > base):
-                        block.append(lines[j])
-                        j += 1
-                    while block and not block[-1].strip():
-                        block.pop()
+                    block, j = _indented_block(lines, j, base)
                     cut = min(_indent(b) for b in block if b.strip())
                     head = line.rstrip()[:-2].rstrip()
                     pad = " " * base
@@ -267,6 +256,18 @@ def _language(head: str, block: list[str]) -> str:
 
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
+
+
+def _indented_block(lines: list[str], start: int, base: int) -> tuple[list[str], int]:
+    """The lines from ``start`` on that are blank or indented deeper than ``base`` (trailing
+    blank lines dropped), and the index of the first line after them."""
+    end = start
+    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > base):
+        end += 1
+    block = lines[start:end]
+    while block and not block[-1].strip():
+        block.pop()
+    return block, end
 
 
 def _cells(line: str, spans: list[tuple[int, int]]) -> list[str]:
