@@ -86,7 +86,12 @@ def _hook(name: str):
         f"_docs_{name}", ROOT / "docs" / "hooks" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    hooks = str(ROOT / "docs" / "hooks")
+    sys.path.insert(0, hooks)  # as MkDocs does while loading a hook: hooks import siblings
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(hooks)
     return module
 
 

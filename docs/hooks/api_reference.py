@@ -21,6 +21,9 @@ import pkgutil
 import re
 from typing import Any
 
+# a sibling hook (MkDocs puts this folder on sys.path while it loads a hook)
+from spec_reference import import_all, table_safe
+
 _MARKER = re.compile(r"^<!-- qlrlab-api: (?P<pkg>[\w.]+)(?P<opts>[^>]*)-->\s*$", re.M)
 _CLI = re.compile(r"^<!-- qlrlab-cli-help -->\s*$", re.M)
 _PRESETS = re.compile(r"^<!-- qlrlab-presets -->\s*$", re.M)
@@ -31,17 +34,6 @@ _FAMILIES = {
     "qlrlab.step_sizes": ("STEP_SIZES", "step_size"),
     "qlrlab.damping": ("DAMPINGS", "damping"),
 }
-
-
-def table_safe(text: str) -> str:
-    """Make ``text`` safe in a Markdown table cell: ``|`` is ``\\vert`` in maths, ``\\|`` outside."""
-    parts = re.split(r"(\$[^$]+\$)", text)
-    return "".join(
-        p.replace("\\|", "\\Vert ").replace("|", "\\vert ")
-        if p.startswith("$")
-        else p.replace("|", "\\|")
-        for p in parts
-    )
 
 
 def public_modules(package: str) -> list[str]:
@@ -56,13 +48,6 @@ def public_modules(package: str) -> list[str]:
         if info.ispkg:
             out += public_modules(name)
     return sorted(out)
-
-
-def import_all(package: str) -> None:
-    """Import every module under ``package`` (private ones too: they may register components)."""
-    pkg = importlib.import_module(package)
-    for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{package}."):
-        importlib.import_module(info.name)
 
 
 def _link(cls: type) -> str:

@@ -45,7 +45,7 @@ def _optimizer() -> dict[str, Any]:
     import qlrlab
 
     for family in ("directions", "curvature", "step_sizes", "damping"):
-        _import_all(f"qlrlab.{family}")  # modules register their components on import
+        import_all(f"qlrlab.{family}")  # modules register their components on import
     schema = qlrlab.optimizer_json_schema()
     # the schema's root model is built on the fly: its fields are documented on OptimizerSpec
     schema["x-inherited-descriptions"] = split_description(
@@ -54,7 +54,8 @@ def _optimizer() -> dict[str, Any]:
     return schema
 
 
-def _import_all(package: str) -> None:
+def import_all(package: str) -> None:
+    """Import every module under ``package`` (private ones too: they may register components)."""
     pkg = importlib.import_module(package)
     for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{package}."):
         importlib.import_module(info.name)
