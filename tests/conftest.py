@@ -18,6 +18,15 @@ def _seed() -> None:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored afterwards (engine runs set it themselves)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """Path of ``../shared/data`` (skips the test when it is absent)."""
     if not SHARED_DATA.exists():

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from qlrlab.engine.report import bootstrap_se, build_report, summary_table
 from qlrlab.engine.runner import RunInterrupted, execute_run, run_safely
@@ -25,12 +24,7 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, **over):
