@@ -164,7 +164,8 @@ def _ce_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> T
     if loss_fn.weight is not None:
         return None
     if _class_major(z):
-        p = _softmax_class_major(z.t().contiguous())  # (C, N)
+        # a copy even when z is class-major already: the softmax runs in place
+        p = _softmax_class_major(z.t().clone(memory_format=torch.contiguous_format))  # (C, N)
         uT = u.t().contiguous()  # no copy when u is a transposed view already
         dev = uT - (p * uT).sum(0)
         per_pos = p.mul_(dev).mul_(dev).sum(0)

@@ -290,7 +290,17 @@ def test_hookless_sequential_runner_matches_hooks(kind: str) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["labels", "ignore", "probs", "spatial", "sum", "many_classes", "class_major_u", "extreme"],
+    [
+        "labels",
+        "ignore",
+        "probs",
+        "spatial",
+        "sum",
+        "many_classes",
+        "class_major_u",
+        "class_major_z",
+        "extreme",
+    ],
 )
 def test_fused_ce_quadratic_form_matches_hvp(case: str) -> None:
     """Row-major (spatial, many classes) and class-major (few classes) forms agree with
@@ -304,6 +314,8 @@ def test_fused_ce_quadratic_form_matches_hvp(case: str) -> None:
         z = 300 * z
     if case == "class_major_u":  # what the fast path hands over for a small head
         u = u.t().contiguous().t()
+    if case == "class_major_z":  # logits that are a transposed view must not be overwritten
+        z = z.t().contiguous().t()
     lf = nn.CrossEntropyLoss(reduction="sum" if case == "sum" else "mean")
     if case == "probs":
         y = torch.softmax(torch.randn(shape, dtype=DT), 1)
@@ -312,7 +324,9 @@ def test_fused_ce_quadratic_form_matches_hvp(case: str) -> None:
         if case == "ignore":
             y[1] = lf.ignore_index
     want = (u * output_hvp(lf, z, y, u)).sum()
+    z_before = z.clone()
     got = output_quadratic_form(lf, z, y, u)
+    assert torch.equal(z, z_before)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
