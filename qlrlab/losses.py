@@ -25,7 +25,10 @@ form works on class-major ``(C, N)`` copies of the logits, so every reduction ov
 across the batch in vector lanes (on the CPU the row-wise softmax of a ``(3200, 10)`` batch costs
 about as much as the whole class-major quadratic form: 190–220 µs against 355–380 µs measured).
 The value is the same up to round-off; the fast GGN path hands over a small last layer's tangent
-already class-major (as a transposed view).
+already class-major (as a transposed view). :func:`loss_value` evaluates a plain
+``CrossEntropyLoss`` class-major too (the loss at :math:`\theta - \alpha d` in the fast path):
+on a ``(3200, 10)`` batch it takes 65 µs where ``F.cross_entropy`` takes 480–520 µs, because
+the row-wise log-softmax of a 10-wide row is not vectorised across the batch.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "OUTPUT_HESSIANS",
     "HalfMSELoss",
     "generic_output_hvp",
+    "loss_value",
     "output_hvp",
     "output_quadratic_form",
     "register_output_hessian",
@@ -183,6 +187,52 @@ def _ce_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> T
         total = per_pos.sum()
     norm = _normaliser(loss_fn.reduction, count)
     return None if norm is None else total / norm
+
+
+def _plain_ce(loss_fn: nn.Module) -> bool:
+    """A ``CrossEntropyLoss`` whose value :func:`loss_value` may compute itself: the built-in
+    ``forward``, no hooks, no class weights, no label smoothing, a scalar reduction."""
+    g = nn.modules.module
+    return (
+        isinstance(loss_fn, nn.CrossEntropyLoss)
+        and type(loss_fn).forward is nn.CrossEntropyLoss.forward
+        and type(loss_fn).__call__ is nn.Module.__call__
+        and loss_fn.weight is None
+        and loss_fn.label_smoothing == 0.0
+        and loss_fn.reduction in ("mean", "sum")
+        and not (loss_fn._forward_hooks or loss_fn._forward_pre_hooks)
+        and not (g._global_forward_hooks or g._global_forward_pre_hooks)
+    )
+
+
+def loss_value(loss_fn: nn.Module, z: Tensor, y: Tensor) -> Tensor:
+    r"""``loss_fn(z, y)``, computed class-major for a plain cross-entropy with few classes.
+
+    For integer targets and :math:`C \le` :data:`CLASS_MAJOR_MAX_CLASSES` classes the value is
+    :math:`\frac1n\sum_{i:\,y_i \ne \text{ignore}} \big(m_i + \log\sum_k e^{z_{ik} - m_i}
+    - z_{i y_i}\big)` with :math:`m_i = \max_k z_{ik}`, every reduction over classes running
+    across the batch on a ``(C, N)`` copy (none when ``z`` is a transposed view already). Any
+    other loss, or settings outside that case, calls ``loss_fn`` itself. Out-of-range targets
+    raise, as in ``F.cross_entropy``.
+    """
+    if not (
+        _plain_ce(loss_fn)
+        and _class_major(z)
+        and z.is_floating_point()
+        and y.ndim == 1
+        and y.shape[0] == z.shape[0]
+        and y.dtype == torch.int64
+    ):
+        return loss_fn(z, y)
+    assert isinstance(loss_fn, nn.CrossEntropyLoss)
+    zT = z.t().contiguous()  # (C, N); no copy when z is a transposed view already
+    m = zT.amax(0)
+    lse = (zT - m).clamp_min_(EXP_FLOOR).exp_().sum(0).log_().add_(m)
+    keep = y != loss_fn.ignore_index
+    target = torch.where(keep, y, 0)
+    per_pos = lse.sub_(zT.gather(0, target.unsqueeze(0)).squeeze(0))
+    total = torch.where(keep, per_pos, 0.0).sum()
+    return total / keep.sum() if loss_fn.reduction == "mean" else total
 
 
 #: closed-form :math:`H_z u` entries that have a cheaper fused :math:`u^\top H_z u`

@@ -330,6 +330,61 @@ def test_fused_ce_quadratic_form_matches_hvp(case: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "case", ["mean", "sum", "ignore", "ignore_valid_class", "class_major_z", "extreme", "all_ignored"]
+)
+def test_class_major_cross_entropy_value_matches_the_module(case: str, dtype: torch.dtype) -> None:
+    """loss_value computes a plain CrossEntropyLoss class-major with the module's value."""
+    from qlrlab.losses import loss_value
+
+    torch.manual_seed(0)
+    z = torch.randn(300, 10, dtype=dtype) * (300.0 if case == "extreme" else 3.0)
+    y = torch.randint(0, 10, (300,))
+    ignore = 3 if case == "ignore_valid_class" else -100
+    if case in ("ignore", "ignore_valid_class"):
+        y[::7] = ignore
+    if case == "all_ignored":
+        y[:] = ignore
+    if case == "class_major_z":
+        z = z.t().contiguous().t()
+    lf = nn.CrossEntropyLoss(reduction="sum" if case == "sum" else "mean", ignore_index=ignore)
+    z_before = z.clone()
+    got, want = loss_value(lf, z, y), lf(z, y)
+    assert torch.equal(z, z_before)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+def test_loss_value_calls_the_module_outside_the_plain_case() -> None:
+    """Class weights, label smoothing, probability targets, many classes, hooks and
+    subclasses with their own forward all go through the module itself."""
+    from qlrlab.losses import loss_value
+
+    torch.manual_seed(0)
+    z, y = torch.randn(64, 5), torch.randint(0, 5, (64,))
+
+    class Doubled(nn.CrossEntropyLoss):
+        def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(input, target)
+
+    hooked = nn.CrossEntropyLoss()
+    hooked.register_forward_hook(lambda m, a, out: out + 1)
+    cases = [
+        (nn.CrossEntropyLoss(weight=torch.rand(5)), z, y),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), z, y),
+        (nn.CrossEntropyLoss(), z, torch.softmax(torch.randn(64, 5), 1)),
+        (nn.CrossEntropyLoss(), torch.randn(64, 40), torch.randint(0, 40, (64,))),
+        (Doubled(), z, y),
+        (hooked, z, y),
+    ]
+    for lf, zz, yy in cases:
+        torch.testing.assert_close(loss_value(lf, zz, yy), lf(zz, yy), rtol=1e-6, atol=1e-6)
+    with pytest.raises((IndexError, RuntimeError)):
+        loss_value(nn.CrossEntropyLoss(), z, torch.full((64,), 7))
+
+
 def test_small_linear_head_runs_class_major_with_the_same_values(monkeypatch) -> None:
     """A Linear layer with few outputs returns transposed views (class-major products); with
     the threshold at 0 the row-major products give the same tangents and shifted loss."""

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from qlrlab._passes import functional_forward, side_effect_free
 from qlrlab.curvature import _fastpath
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
-from qlrlab.losses import output_hvp, output_quadratic_form
+from qlrlab.losses import loss_value, output_hvp, output_quadratic_form
 from qlrlab.registry import CURVATURES, ComponentSpec
 
 __all__ = ["BoundGGN", "FastBoundGGN", "GGNOracle", "GGNSpec"]
@@ -145,7 +145,7 @@ class FastBoundGGN(BoundGGN):
             z = self.fast.new_output(alpha, direction)
             if z is None:
                 return None
-            return self.problem.loss_fn(z, self.problem.targets).detach()
+            return loss_value(self.problem.loss_fn, z, self.problem.targets).detach()
 
 
 class GGNOracle(CurvatureOracle):
