@@ -332,7 +332,8 @@ def test_fused_ce_quadratic_form_matches_hvp(case: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "case", ["mean", "sum", "ignore", "ignore_valid_class", "class_major_z", "extreme", "all_ignored"]
+    "case",
+    ["mean", "sum", "ignore", "ignore_valid_class", "class_major_z", "extreme", "all_ignored"],
 )
 def test_class_major_cross_entropy_value_matches_the_module(case: str, dtype: torch.dtype) -> None:
     """loss_value computes a plain CrossEntropyLoss class-major with the module's value."""
