@@ -417,3 +417,53 @@ def test_small_linear_head_runs_class_major_with_the_same_values(monkeypatch) ->
         for p, t in zip(model.parameters(), v):
             p.sub_(0.2 * t)
         torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "hidden, act, expect_cm",
+    [
+        (50, nn.ReLU, True),  # the Fashion-MNIST MLP's shape, scaled down
+        (48, nn.ReLU, False),  # a multiple of 16 outputs: row-major is as fast
+        (50, nn.Tanh, False),  # only ReLUs (mask from the cached output) may follow
+    ],
+)
+def test_first_layer_runs_class_major_with_the_same_values(
+    monkeypatch, hidden: int, act: type, expect_cm: bool
+) -> None:
+    """A wide first Linear layer computes its tangent class-major (its cached output switched to
+    a class-major copy); tangents, quadratic forms and the shifted loss equal the row-major
+    ones and the general path's, also for a second vector and a second tangent pass."""
+    from qlrlab.curvature import _fastpath
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, hidden), act(), nn.Linear(hidden, 7)).to(DT)
+    x, y = torch.randn(256, 300, dtype=DT), torch.randint(0, 7, (256,))
+    lf = nn.CrossEntropyLoss()
+    results = []
+    for limit in (256, 10**9):
+        monkeypatch.setattr(_fastpath, "CLASS_MAJOR_FIRST_MIN_IN", limit)
+        for p in model.parameters():
+            p.grad = None
+        fast, gen = _bound_pair(model, lf, x, y)
+        assert (fast.fast._cm_first == 0) == (expect_cm and limit == 256)
+        torch.manual_seed(1)
+        vs = [[torch.randn_like(p) for p in model.parameters()] for _ in range(2)]
+        first = fast.jvp(vs[1])[1]  # a first tangent pass, then the one the shift uses
+        _, u = fast.jvp(vs[0])
+        torch.testing.assert_close(first, gen.jvp(vs[1])[1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(u, gen.jvp(vs[0])[1], rtol=1e-12, atol=1e-12)
+        q = fast.quadratic_form(vs[0])
+        after = fast.loss_after(torch.tensor(0.2, dtype=DT), vs[0])
+        results.append((u, q, after))
+        if fast.fast._cm_first == 0:
+            cached = fast.fast.chain[0].y
+            assert cached is not None and cached.stride() == (1, 256)  # class-major copy
+            assert fast.fast.chain[1].x is cached
+    (u1, q1, a1), (u0, q0, a0) = results
+    torch.testing.assert_close(u1, u0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q1, q0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a1, a0, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), vs[0]):
+            p.sub_(0.2 * t)
+        torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)
