@@ -31,6 +31,9 @@ computes its tangent and shifted output *class-major*, :math:`(W u^\top)^\top`, 
 transposed view: BLAS is several times faster at producing a ``(10, 3200)`` result than a
 ``(3200, 10)`` one, and the loss's class reductions then run across the batch
 (:mod:`qlrlab.losses`). Values are the same up to round-off; every later operation accepts the view.
+On the CPU a wide first layer followed by ReLUs and another ``Linear`` layer does the same when
+BLAS favours it (see :data:`CLASS_MAJOR_FIRST_MIN_IN`), and switches its cached output to a
+class-major copy so that the elementwise passes read both operands in the same order.
 
 The chain is checked while it is recorded (each leaf's input must be the previous leaf's output
 or a view of it, the first input must not require grad, the model's output must be the last
