@@ -467,3 +467,54 @@ def test_first_layer_runs_class_major_with_the_same_values(
         for p, t in zip(model.parameters(), vs[0]):
             p.sub_(0.2 * t)
         torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["relu_from_x", "bool_mask", "frozen_head_weight", "no_bias"])
+def test_blocked_relu_and_head_match_the_one_pass_tangent(monkeypatch, case: str) -> None:
+    """A ReLU followed by a class-major head runs in blocks of rows (with a remainder block);
+    tangents, quadratic form and shifted loss equal the unblocked path's and the general one's."""
+    from qlrlab.curvature import _fastpath
+
+    torch.manual_seed(0)
+    bias = case != "no_bias"
+    if case == "bool_mask":  # the second hidden layer's output is not kept: a boolean mask
+        model = nn.Sequential(
+            nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 6, bias=bias)
+        )
+    else:
+        # 40 outputs from 30 inputs: the first layer's output is kept, the mask read from it
+        model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 6, bias=bias))
+    model = model.to(DT)
+    params = list(model.parameters())
+    if case == "frozen_head_weight":
+        params = [p for p in params if p is not model[-1].weight]
+    x = torch.randn(300, model[0].in_features, dtype=DT)
+    y = torch.randint(0, 6, (300,))
+    lf = nn.CrossEntropyLoss()
+    calls = []
+    real = _fastpath._masked_head_class_major
+    monkeypatch.setattr(
+        _fastpath, "_masked_head_class_major", lambda *a: calls.append(1) or real(*a)
+    )
+    results = []
+    for block in (32 * 40, 10**12):  # 32-row blocks (300 = 9 x 32 + 12), then unblocked
+        monkeypatch.setattr(_fastpath, "MASKED_HEAD_BLOCK", block)
+        for p in model.parameters():
+            p.grad = None
+        fast, gen = _bound_pair(model, lf, x, y, params)
+        relu = fast.fast.chain[-2]
+        assert (relu.mask is not None) == (case == "bool_mask")
+        assert relu.relu_from_x == (case != "bool_mask")
+        torch.manual_seed(1)
+        v = [torch.randn_like(p) for p in params]
+        n_calls = len(calls)
+        _, u = fast.jvp(v)
+        assert len(calls) - n_calls == (1 if block < 10**12 else 0)
+        torch.testing.assert_close(u, gen.jvp(v)[1], rtol=1e-12, atol=1e-12)
+        q = fast.quadratic_form(v)
+        after = fast.loss_after(torch.tensor(0.2, dtype=DT), v)
+        results.append((u, q, after))
+    (u1, q1, a1), (u0, q0, a0) = results
+    torch.testing.assert_close(u1, u0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q1, q0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a1, a0, rtol=1e-12, atol=1e-12)

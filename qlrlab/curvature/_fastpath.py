@@ -33,7 +33,9 @@ transposed view: BLAS is several times faster at producing a ``(10, 3200)`` resu
 (:mod:`qlrlab.losses`). Values are the same up to round-off; every later operation accepts the view.
 On the CPU a wide first layer followed by ReLUs and another ``Linear`` layer does the same when
 BLAS favours it (see :data:`CLASS_MAJOR_FIRST_MIN_IN`), and switches its cached output to a
-class-major copy so that the elementwise passes read both operands in the same order.
+class-major copy so that the elementwise passes read both operands in the same order. A ReLU
+followed by a class-major head runs in blocks of rows on the CPU (see :data:`MASKED_HEAD_BLOCK`),
+so that each block of the masked tangent is multiplied while it is still in cache.
 
 The chain is checked while it is recorded (each leaf's input must be the previous leaf's output
 or a view of it, the first input must not require grad, the model's output must be the last
@@ -59,6 +61,7 @@ from torch.nn.modules.pooling import _MaxPoolNd
 __all__ = [
     "CLASS_MAJOR_FIRST_MIN_IN",
     "CLASS_MAJOR_MAX_OUT",
+    "MASKED_HEAD_BLOCK",
     "ChainRecorder",
     "ChainTangents",
     "Record",
@@ -78,6 +81,10 @@ CLASS_MAJOR_MAX_OUT = 16
 #: that the class-major tangent needs costs 0.09 ms at 50 outputs. With few inputs the product
 #: is too cheap for the copy to pay.
 CLASS_MAJOR_FIRST_MIN_IN = 256
+#: on the CPU a ReLU's tangent and the class-major head after it run in blocks of rows holding
+#: about this many hidden activations each (256 rows of a 256-wide layer: three 256 KiB operands
+#: that stay in cache between the mask and the product)
+MASKED_HEAD_BLOCK = 2**16
 #: parameter-free leaves whose tangent is the input tangent reshaped to the output's shape
 _PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd)
 
@@ -555,13 +562,25 @@ class ChainTangents:
         u: Tensor | None = None
         owned = False  # whether u (and everything sharing its storage) is ours to overwrite
         first: tuple[int, Tensor] | None = None
-        for li, r, m, kind, wi, bi in self._plan:
+        plan = self._plan
+        done = -1  # a layer whose tangent was computed together with the one before it
+        for li, r, m, kind, wi, bi in plan:
+            if li == done:
+                continue
             if u is not None and r.view:
                 u = u.reshape(r.x_shape)
             if kind == "free":
-                if u is not None:
-                    u = _free_tangent(m, r, u, owned)
-                    owned = owned or not isinstance(m, _PASS_THROUGH)
+                if u is None:
+                    continue
+                if type(m) is nn.ReLU and li + 1 < len(plan) and _fuses_with_head(u, plan[li + 1]):
+                    _, rh, mh, _, wh, bh = plan[li + 1]
+                    dwh = None if wh < 0 else v[wh]
+                    dbh = None if bh < 0 else v[bh]
+                    u = _masked_head_class_major(r, u, mh, rh.x, dwh, dbh)
+                    owned, done = True, li + 1
+                    continue
+                u = _free_tangent(m, r, u, owned)
+                owned = owned or not isinstance(m, _PASS_THROUGH)
                 continue
             dw = None if wi < 0 else v[wi]
             db = None if bi < 0 else v[bi]
@@ -737,6 +756,58 @@ def _class_major_tangent(
     elif out is None:
         assert db is not None and x is not None
         out = db.unsqueeze(1).expand(db.shape[0], x.shape[0]).contiguous()
+    return out.t()
+
+
+def _block_rows(width: int) -> int:
+    """Rows per block of :func:`_masked_head_class_major` for a hidden layer ``width`` wide."""
+    return max(32, MASKED_HEAD_BLOCK // max(1, width))
+
+
+def _fuses_with_head(u: Tensor, head: tuple[int, Record, Any, str, int, int]) -> bool:
+    """Whether a ReLU tangent and the class-major Linear head after it run blocked (CPU, a
+    row-major 2-d tangent long enough for several blocks, no reshape in between)."""
+    _, rh, mh, kind, _, _ = head
+    return (
+        kind == "linear"
+        and not rh.view
+        and u.ndim == 2
+        and u.device.type == "cpu"
+        and u.is_contiguous()
+        and _class_major(mh, u)
+        and u.shape[0] >= 4 * _block_rows(u.shape[1])
+    )
+
+
+def _masked_head_class_major(
+    r: Record, u: Tensor, m: Any, x: Tensor | None, dw: Tensor | None, db: Tensor | None
+) -> Tensor:
+    r"""The tangent through a ReLU and the class-major head after it, in blocks of rows:
+    :math:`(W\,h^\top + dW\,x^\top + db)^\top` with :math:`h = u \odot 1[\text{pre} > 0]`.
+
+    Each block of the masked tangent :math:`h` is consumed by the head's product while it is
+    still in cache, instead of writing all of :math:`h` to memory and reading it back (on a
+    3200×256 hidden layer the one-pass mask costs 0.8–1.0 ms in the step against 0.11 ms in
+    isolation; blocked, the step is 1.3–1.5 ms faster). Same values as the unblocked path.
+    """
+    n = u.shape[0]
+    rows = _block_rows(u.shape[1])
+    mask = None if r.mask is None else r.mask.view(torch.uint8)
+    src = r.x if r.relu_from_x else r.y
+    out = torch.empty((m.out_features, n), dtype=u.dtype, device=u.device)
+    bias = None if db is None else db.unsqueeze(1)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        if mask is not None:
+            h = u[s:e] * mask[s:e]
+        else:
+            assert src is not None
+            h = torch.ops.aten.threshold_backward(u[s:e], src[s:e], 0)
+        o = torch.mm(m.weight, h.t()) if bias is None else torch.addmm(bias, m.weight, h.t())
+        if dw is not None:
+            assert x is not None
+            o.addmm_(dw, x[s:e].t())
+        out[:, s:e] = o
     return out.t()
 
 
