@@ -472,7 +472,8 @@ def test_first_layer_runs_class_major_with_the_same_values(
 @pytest.mark.parametrize("case", ["relu_from_x", "bool_mask", "frozen_head_weight", "no_bias"])
 def test_blocked_relu_and_head_match_the_one_pass_tangent(monkeypatch, case: str) -> None:
     """A ReLU followed by a class-major head runs in blocks of rows (with a remainder block);
-    tangents, quadratic form and shifted loss equal the unblocked path's and the general one's."""
+    tangents, quadratic form and shifted loss equal the unblocked path's, the general one's and
+    the moved model's."""
     from qlrlab.curvature import _fastpath
 
     torch.manual_seed(0)
@@ -518,3 +519,7 @@ def test_blocked_relu_and_head_match_the_one_pass_tangent(monkeypatch, case: str
     torch.testing.assert_close(u1, u0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(q1, q0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a1, a0, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # and both equal the loss of the model moved to theta - 0.2 v
+        for p, t in zip(params, v):
+            p.sub_(0.2 * t)
+        torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)

@@ -785,29 +785,38 @@ def _masked_head_class_major(
     r"""The tangent through a ReLU and the class-major head after it, in blocks of rows:
     :math:`(W\,h^\top + dW\,x^\top + db)^\top` with :math:`h = u \odot 1[\text{pre} > 0]`.
 
-    Each block of the masked tangent :math:`h` is consumed by the head's product while it is
-    still in cache, instead of writing all of :math:`h` to memory and reading it back (on a
+    Each block of the masked tangent :math:`h` is written next to the same rows of the head's
+    input :math:`x` in a small buffer and multiplied by :math:`[W \;\; dW]` at once, while it
+    is still in cache, instead of writing all of :math:`h` to memory and reading it back (on a
     3200×256 hidden layer the one-pass mask costs 0.8–1.0 ms in the step against 0.11 ms in
-    isolation; blocked, the step is 1.3–1.5 ms faster). Same values as the unblocked path.
+    isolation). Same values as the unblocked path up to round-off.
     """
-    n = u.shape[0]
-    rows = _block_rows(u.shape[1])
+    n, hid = u.shape
+    rows = _block_rows(hid)
     mask = None if r.mask is None else r.mask.view(torch.uint8)
     src = r.x if r.relu_from_x else r.y
     out = torch.empty((m.out_features, n), dtype=u.dtype, device=u.device)
     bias = None if db is None else db.unsqueeze(1)
+    if dw is None:
+        w = m.weight
+        buf = torch.empty((rows, hid), dtype=u.dtype, device=u.device)
+    else:
+        assert x is not None
+        w = torch.cat([m.weight, dw], 1)
+        buf = torch.empty((rows, 2 * hid), dtype=u.dtype, device=u.device)
     for s in range(0, n, rows):
         e = min(n, s + rows)
+        b = buf[: e - s]
+        h = b[:, :hid]
         if mask is not None:
-            h = u[s:e] * mask[s:e]
+            torch.mul(u[s:e], mask[s:e], out=h)
         else:
             assert src is not None
-            h = torch.ops.aten.threshold_backward(u[s:e], src[s:e], 0)
-        o = torch.mm(m.weight, h.t()) if bias is None else torch.addmm(bias, m.weight, h.t())
+            torch.ops.aten.threshold_backward.grad_input(u[s:e], src[s:e], 0, grad_input=h)
         if dw is not None:
             assert x is not None
-            o.addmm_(dw, x[s:e].t())
-        out[:, s:e] = o
+            b[:, hid:].copy_(x[s:e])
+        out[:, s:e] = torch.mm(w, b.t()) if bias is None else torch.addmm(bias, w, b.t())
     return out.t()
 
 
