@@ -386,37 +386,57 @@ def test_loss_value_calls_the_module_outside_the_plain_case() -> None:
         loss_value(nn.CrossEntropyLoss(), z, torch.full((64,), 7))
 
 
+def _same_results_under_settings(
+    monkeypatch, model, lf, x, y, settings, params=None, before=None, after_tangent=None
+) -> None:
+    """Under each setting (``_fastpath`` attributes to patch), bind the fast path and take the
+    tangent, quadratic form and shifted loss of one random vector: the tangent must match the
+    general path's, and all three must agree across settings and with the loss of the model
+    moved to theta - 0.2 v. ``before(setting, fast, gen)`` runs after binding,
+    ``after_tangent(setting, fast, u)`` after the tangent."""
+    from qlrlab.curvature import _fastpath
+
+    params = list(model.parameters()) if params is None else params
+    results = []
+    for setting in settings:
+        for name, value in setting.items():
+            monkeypatch.setattr(_fastpath, name, value)
+        for p in model.parameters():
+            p.grad = None
+        fast, gen = _bound_pair(model, lf, x, y, params)
+        if before is not None:
+            before(setting, fast, gen)
+        torch.manual_seed(1)
+        v = [torch.randn_like(p) for p in params]
+        _, u = fast.jvp(v)
+        if after_tangent is not None:
+            after_tangent(setting, fast, u)
+        torch.testing.assert_close(u, gen.jvp(v)[1], rtol=1e-12, atol=1e-12)
+        q = fast.quadratic_form(v)
+        results.append((u, q, fast.loss_after(torch.tensor(0.2, dtype=DT), v)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for p, t in zip(params, v):
+            p.sub_(0.2 * t)
+        torch.testing.assert_close(results[0][2], lf(model(x), y), rtol=1e-12, atol=1e-12)
+
+
 def test_small_linear_head_runs_class_major_with_the_same_values(monkeypatch) -> None:
     """A Linear layer with few outputs returns transposed views (class-major products); with
     the threshold at 0 the row-major products give the same tangents and shifted loss."""
-    from qlrlab.curvature import _fastpath
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 5)).to(DT)
     x, y = torch.randn(64, 12, dtype=DT), torch.randint(0, 5, (64,))
-    lf = nn.CrossEntropyLoss()
-    results = []
-    for limit in (16, 0):
-        monkeypatch.setattr(_fastpath, "CLASS_MAJOR_MAX_OUT", limit)
-        for p in model.parameters():
-            p.grad = None
-        fast, gen = _bound_pair(model, lf, x, y)
-        torch.manual_seed(1)
-        v = [torch.randn_like(p) for p in model.parameters()]
-        _, u = fast.jvp(v)
-        assert u.is_contiguous() == (limit == 0)
-        torch.testing.assert_close(u, gen.jvp(v)[1], rtol=1e-12, atol=1e-12)
-        q = fast.quadratic_form(v)
-        after = fast.loss_after(torch.tensor(0.2, dtype=DT), v)
-        results.append((u, q, after))
-    (u1, q1, a1), (u0, q0, a0) = results
-    torch.testing.assert_close(u1, u0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(q1, q0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(a1, a0, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        for p, t in zip(model.parameters(), v):
-            p.sub_(0.2 * t)
-        torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)
+
+    def layout(setting, fast, u) -> None:
+        assert u.is_contiguous() == (setting["CLASS_MAJOR_MAX_OUT"] == 0)
+
+    settings = [{"CLASS_MAJOR_MAX_OUT": 16}, {"CLASS_MAJOR_MAX_OUT": 0}]
+    _same_results_under_settings(
+        monkeypatch, model, nn.CrossEntropyLoss(), x, y, settings, after_tangent=layout
+    )
 
 
 @pytest.mark.parametrize(
@@ -432,41 +452,26 @@ def test_first_layer_runs_class_major_with_the_same_values(
 ) -> None:
     """A wide first Linear layer computes its tangent class-major (its cached output switched to
     a class-major copy); tangents, quadratic forms and the shifted loss equal the row-major
-    ones and the general path's, also for a second vector and a second tangent pass."""
-    from qlrlab.curvature import _fastpath
-
+    ones and the general path's, also after an earlier tangent pass of another vector."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, hidden), act(), nn.Linear(hidden, 7)).to(DT)
     x, y = torch.randn(256, 300, dtype=DT), torch.randint(0, 7, (256,))
-    lf = nn.CrossEntropyLoss()
-    results = []
-    for limit in (256, 10**9):
-        monkeypatch.setattr(_fastpath, "CLASS_MAJOR_FIRST_MIN_IN", limit)
-        for p in model.parameters():
-            p.grad = None
-        fast, gen = _bound_pair(model, lf, x, y)
-        assert (fast.fast._cm_first == 0) == (expect_cm and limit == 256)
-        torch.manual_seed(1)
-        vs = [[torch.randn_like(p) for p in model.parameters()] for _ in range(2)]
-        first = fast.jvp(vs[1])[1]  # a first tangent pass, then the one the shift uses
-        _, u = fast.jvp(vs[0])
-        torch.testing.assert_close(first, gen.jvp(vs[1])[1], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(u, gen.jvp(vs[0])[1], rtol=1e-12, atol=1e-12)
-        q = fast.quadratic_form(vs[0])
-        after = fast.loss_after(torch.tensor(0.2, dtype=DT), vs[0])
-        results.append((u, q, after))
-        if fast.fast._cm_first == 0:
+
+    def earlier_tangent(setting, fast, gen) -> None:
+        cm = expect_cm and setting["CLASS_MAJOR_FIRST_MIN_IN"] == 256
+        assert (fast.fast._cm_first == 0) == cm
+        torch.manual_seed(2)
+        w = [torch.randn_like(p) for p in model.parameters()]
+        torch.testing.assert_close(fast.jvp(w)[1], gen.jvp(w)[1], rtol=1e-12, atol=1e-12)
+        if cm:
             cached = fast.fast.chain[0].y
             assert cached is not None and cached.stride() == (1, 256)  # class-major copy
             assert fast.fast.chain[1].x is cached
-    (u1, q1, a1), (u0, q0, a0) = results
-    torch.testing.assert_close(u1, u0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(q1, q0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(a1, a0, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():
-        for p, t in zip(model.parameters(), vs[0]):
-            p.sub_(0.2 * t)
-        torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)
+
+    settings = [{"CLASS_MAJOR_FIRST_MIN_IN": 256}, {"CLASS_MAJOR_FIRST_MIN_IN": 10**9}]
+    _same_results_under_settings(
+        monkeypatch, model, nn.CrossEntropyLoss(), x, y, settings, before=earlier_tangent
+    )
 
 
 @pytest.mark.parametrize("case", ["relu_from_x", "bool_mask", "frozen_head_weight", "no_bias"])
@@ -491,35 +496,23 @@ def test_blocked_relu_and_head_match_the_one_pass_tangent(monkeypatch, case: str
         params = [p for p in params if p is not model[-1].weight]
     x = torch.randn(300, model[0].in_features, dtype=DT)
     y = torch.randint(0, 6, (300,))
-    lf = nn.CrossEntropyLoss()
     calls = []
     real = _fastpath._masked_head_class_major
     monkeypatch.setattr(
         _fastpath, "_masked_head_class_major", lambda *a: calls.append(1) or real(*a)
     )
-    results = []
-    for block in (32 * 40, 10**12):  # 32-row blocks (300 = 9 x 32 + 12), then unblocked
-        monkeypatch.setattr(_fastpath, "MASKED_HEAD_BLOCK", block)
-        for p in model.parameters():
-            p.grad = None
-        fast, gen = _bound_pair(model, lf, x, y, params)
+
+    def mask_kind(setting, fast, gen) -> None:
         relu = fast.fast.chain[-2]
         assert (relu.mask is not None) == (case == "bool_mask")
         assert relu.relu_from_x == (case != "bool_mask")
-        torch.manual_seed(1)
-        v = [torch.randn_like(p) for p in params]
-        n_calls = len(calls)
-        _, u = fast.jvp(v)
-        assert len(calls) - n_calls == (1 if block < 10**12 else 0)
-        torch.testing.assert_close(u, gen.jvp(v)[1], rtol=1e-12, atol=1e-12)
-        q = fast.quadratic_form(v)
-        after = fast.loss_after(torch.tensor(0.2, dtype=DT), v)
-        results.append((u, q, after))
-    (u1, q1, a1), (u0, q0, a0) = results
-    torch.testing.assert_close(u1, u0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(q1, q0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(a1, a0, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():  # and both equal the loss of the model moved to theta - 0.2 v
-        for p, t in zip(params, v):
-            p.sub_(0.2 * t)
-        torch.testing.assert_close(a1, lf(model(x), y), rtol=1e-12, atol=1e-12)
+        calls.clear()
+
+    def blocked(setting, fast, u) -> None:
+        assert len(calls) == (1 if setting["MASKED_HEAD_BLOCK"] < 10**12 else 0)
+
+    # 32-row blocks (300 = 9 x 32 + 12), then unblocked
+    settings = [{"MASKED_HEAD_BLOCK": 32 * 40}, {"MASKED_HEAD_BLOCK": 10**12}]
+    _same_results_under_settings(
+        monkeypatch, model, nn.CrossEntropyLoss(), x, y, settings, params, mask_kind, blocked
+    )
