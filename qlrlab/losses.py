@@ -41,7 +41,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "OUTPUT_HESSIANS",
+    "SQUARED_ERROR_LOSSES",
     "HalfMSELoss",
+    "NaNPaddedLoss",
     "generic_output_hvp",
     "loss_value",
     "output_hvp",
@@ -275,3 +277,56 @@ def output_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -
         if out is not None:
             return out
     return (u * output_hvp(loss_fn, z, y, u)).sum()
+
+
+#: losses whose output Hessian does not depend on the targets (squared errors): the rows the
+#: AdamQLR paper's code pads with NaN count in their curvature average (see :class:`NaNPaddedLoss`)
+SQUARED_ERROR_LOSSES: tuple[type[nn.Module], ...] = (HalfMSELoss, nn.MSELoss)
+
+
+class NaNPaddedLoss(nn.Module):
+    r"""A loss as the AdamQLR paper's code sees a batch padded with NaN rows (a reproduction aid).
+
+    The original code pads the training set with NaN rows up to a multiple of the batch size
+    :math:`B` and averages with ``nanmean``: the loss and its gradient are those of the
+    :math:`n` real rows, so :meth:`forward` returns ``loss(z, y)`` of the unpadded batch. Its
+    exact-curvature quadratic model differs: for a squared-error loss
+    (:data:`SQUARED_ERROR_LOSSES`) the padded rows add zero to an average over all :math:`B`
+    rows, so the output Hessian, and with it :math:`d^\top C d`, is scaled by :math:`n / B`
+    (measured on UCI Energy at :math:`B = 3200 > 588` rows: the first α about 5× too large,
+    divergence within about 200 steps; notes/adamqlr-paper-and-code.md, pitfall 15). Other
+    losses are unaffected, as in the original (their NaN rows are skipped). Only the GGN's
+    closed-form output Hessian (:data:`OUTPUT_HESSIANS`) carries the factor; the Hessian oracle
+    differentiates :meth:`forward` and sees the unscaled loss, as the original's ``nanmean``
+    did. Runs select it with ``nan_padding: true`` (:class:`qlrlab.engine.RunSpec`).
+
+    Args:
+        loss: the mean-reduced loss of the real rows.
+        padded_rows: :math:`B`, the number of rows every padded batch has.
+    """
+
+    def __init__(self, loss: nn.Module, padded_rows: int) -> None:
+        super().__init__()
+        if padded_rows < 1:
+            raise ValueError(f"NaNPaddedLoss padded_rows must be >= 1, got {padded_rows}")
+        self.loss = loss
+        self.padded_rows = int(padded_rows)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """The wrapped loss of the real rows."""
+        return self.loss(input, target)
+
+    def curvature_scale(self, z: Tensor) -> float:
+        """:math:`n / B` for a squared-error loss on a batch of :math:`n < B` rows, else 1."""
+        rows = z.shape[0] if z.ndim else 1
+        if isinstance(self.loss, SQUARED_ERROR_LOSSES) and rows < self.padded_rows:
+            return rows / self.padded_rows
+        return 1.0
+
+
+@register_output_hessian(NaNPaddedLoss)
+def _nan_padded_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    assert isinstance(loss_fn, NaNPaddedLoss)
+    hu = output_hvp(loss_fn.loss, z, y, u)
+    scale = loss_fn.curvature_scale(z)
+    return hu if scale == 1.0 else hu * scale

@@ -148,3 +148,54 @@ def test_curvlinops_backend_rejects_unsupported_loss_at_setup() -> None:
     model = _mlp(3)
     with pytest.raises(ValueError, match="HuberLoss"):
         GGNSpec(backend="curvlinops").build().setup(list(model.parameters()), model, nn.HuberLoss())
+
+
+@pytest.mark.parametrize("loss", ["half_mse", "mse", "ce"])
+@pytest.mark.parametrize("backend", ["jvp", "fast"])
+def test_nan_padded_loss_reproduces_the_padded_batch_curvature(loss: str, backend: str) -> None:
+    """The original's NaN-padded batch: a squared-error GGN averages over all padded rows, with
+    the padded rows adding zero (reference: the same form on zero-padded tangents); the loss,
+    cross-entropy's curvature and a full batch are unchanged; the Hessian sees the plain loss."""
+    from qlrlab.losses import NaNPaddedLoss, output_quadratic_form
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(D)
+    x = torch.randn(7, 4, dtype=D)
+    plain = {"half_mse": HalfMSELoss(), "mse": nn.MSELoss(), "ce": nn.CrossEntropyLoss()}[loss]
+    y = torch.randint(0, 3, (7,)) if loss == "ce" else torch.randn(7, 3, dtype=D)
+    d, _ = _vecs(model)
+
+    def form(loss_fn: nn.Module) -> torch.Tensor:
+        for p in model.parameters():
+            p.grad = None
+        oracle = GGNSpec(backend=backend).build()
+        params = list(model.parameters())
+        oracle.setup(params, model, loss_fn)
+        with oracle.gradient_pass(model) as module:
+            out = module(x)
+            loss_fn(out, y).backward()
+        bound = oracle.bind(_problem(model, loss_fn, x, y))
+        assert oracle.last_path == backend
+        return bound.quadratic_form(d)
+
+    padded = NaNPaddedLoss(plain, 20)
+    torch.testing.assert_close(padded(model(x), y), plain(model(x), y), rtol=0, atol=0)
+    q_plain, q_padded = form(plain), form(padded)
+    if loss == "ce":
+        torch.testing.assert_close(q_padded, q_plain, rtol=1e-12, atol=0)
+    else:  # the original: the same form on a batch of 20 rows whose 13 padded rows add zero
+        from torch.func import functional_call, jvp
+
+        names = [n for n, _ in model.named_parameters()]
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        z, u = jvp(lambda p: functional_call(model, p, (x,)), (params,), (dict(zip(names, d)),))
+        pad = torch.zeros(13, 3, dtype=D)
+        ref = output_quadratic_form(
+            plain, torch.cat([z, pad]), torch.cat([y, pad]), torch.cat([u, pad])
+        )
+        torch.testing.assert_close(q_padded, ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(q_padded, q_plain * 7 / 20, rtol=1e-12, atol=0)
+    torch.testing.assert_close(form(NaNPaddedLoss(plain, 7)), q_plain, rtol=1e-12, atol=0)
+    hess = HessianSpec().build().bind(_problem(model, padded, x, y)).quadratic_form(d)
+    ref_h = HessianSpec().build().bind(_problem(model, plain, x, y)).quadratic_form(d)
+    torch.testing.assert_close(hess, ref_h, rtol=1e-12, atol=0)

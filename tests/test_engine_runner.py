@@ -179,3 +179,17 @@ def test_tensorboard_logs_what_the_metrics_file_holds(tmp_path):
         logged = df[["step", tag]].dropna()
         assert [e.step for e in events] == logged["step"].tolist(), tag
         np.testing.assert_allclose([e.value for e in events], logged[tag], rtol=1e-6)
+
+
+def test_nan_padding_scales_the_first_steps_curvature(tmp_path):
+    """UCI Energy (128 rows) at batch size 200: the original pads the one batch with 72 NaN rows,
+    so ½·MSE's quadratic model is 128/200 of the correct one; the batch loss is the same."""
+    over = {"batch_size": 200, "budget": {"steps": 1}, "dtype": "float64", "eval": {"every": None}}
+    _, store, plain = _run(tmp_path / "plain", **over)
+    _, store_p, padded = _run(tmp_path / "padded", nan_padding=True, **over)
+    assert padded.hash != plain.hash
+    a, b = store.metrics(plain.hash).iloc[1], store_p.metrics(padded.hash).iloc[1]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
+    assert b["grad_dot_direction"] == pytest.approx(a["grad_dot_direction"], rel=1e-12)
+    assert b["curvature"] == pytest.approx(a["curvature"] * 128 / 200, rel=1e-10)
+    assert b["alpha"] > a["alpha"]

@@ -210,3 +210,34 @@ def test_tune_space_one_minus():
     assert over["optimizer.direction.beta1"] == pytest.approx(0.9)
     assert over["optimizer.direction.beta2"] == pytest.approx(0.99)
     assert over["batch_size"] == 16
+
+
+def test_run_hash_leaves_later_fields_out_at_their_default():
+    """nan_padding (added later) is part of a run's identity only when it is switched on, so
+    result directories from before it keep their hashes."""
+    import hashlib
+    import json
+
+    from qlrlab.engine.specs import NON_IDENTITY_FIELDS
+
+    a = RunSpec.model_validate(BASE)
+    b = RunSpec.model_validate({**BASE, "nan_padding": True})
+    assert run_hash(a) != run_hash(b)
+    old = a.model_dump(mode="json", exclude=set(NON_IDENTITY_FIELDS) | {"nan_padding"})
+    text = json.dumps(old, sort_keys=True, separators=(",", ":"), default=str)
+    assert run_hash(a) == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    "optimizer, words",
+    [
+        ("kfac", "BackPACK"),
+        ({"preset": "adamqlr", "curvature.backend": "curvlinops"}, "curvlinops"),
+        ({"preset": "adamqlr", "curvature": {"name": "empirical_fisher"}}, "empirical_fisher"),
+    ],
+)
+def test_nan_padding_rejects_optimizers_it_cannot_emulate(optimizer, words):
+    with pytest.raises(SpecError, match=f"nan_padding.*{words}"):
+        apply_overrides({**BASE, "optimizer": optimizer, "nan_padding": True}, [])
+    for ok in ("adamqlr", "adamqlr_hessian", "adam"):
+        RunSpec.model_validate({**BASE, "optimizer": ok, "nan_padding": True})

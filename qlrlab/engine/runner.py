@@ -34,6 +34,7 @@ from qlrlab.engine.storage import (
     save_checkpoint,
     write_parquet_atomic,
 )
+from qlrlab.losses import NaNPaddedLoss
 from qlrlab.optimizer import StepInfo
 
 __all__ = [
@@ -224,13 +225,21 @@ def execute_run(
     task = spec.task_spec().build(device, dtype)
     model, loss_fn = task.model, task.loss_fn
     world = _world_size()
+    batch_size = spec.batch_size or int(task.default_batch_size)
+    if spec.nan_padding:  # the optimiser sees the original's padded-batch curvature
+        if world > 1:
+            raise SpecError(
+                "the NaN-padding emulation runs in one process only",
+                field="nan_padding",
+                fix="run without torchrun, or set nan_padding: false",
+            )
+        loss_fn = NaNPaddedLoss(loss_fn, batch_size)
     if world > 1:
         from qlrlab.distributed import build_distributed_optimizer
 
         optimizer = build_distributed_optimizer(spec.optimizer_spec(), model, loss_fn)
     else:
         optimizer = qlrlab.build_optimizer(spec.optimizer_spec(), model, loss_fn)
-    batch_size = spec.batch_size or int(task.default_batch_size)
     steps_per_epoch = task.steps_per_epoch(batch_size)
     max_steps, max_seconds = _budget_steps(spec, task, batch_size)
 

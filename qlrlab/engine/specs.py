@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "AblationSpec",
@@ -375,6 +382,12 @@ class RunSpec(_Strict):
         tensorboard: also write every logged metric to TensorBoard event files in the run's
             directory (``runs/<hash>/tensorboard``; needs ``pip install 'qlrlab[tensorboard]'``).
             Not part of the run's identity.
+        nan_padding: reproduce the original code's NaN padding of short batches
+            (:class:`qlrlab.losses.NaNPaddedLoss`): for a squared-error loss the GGN quadratic
+            model of a batch of :math:`n < B` rows (:math:`B` = ``batch_size``) is scaled by
+            :math:`n/B`. Off by default (the correct behaviour); for comparisons
+            with the paper's curves only. Needs a GGN (``backend`` own, fast or jvp) or Hessian
+            (own) curvature, or none, a direction that does not use BackPACK, and one process.
     """
 
     name: str = "run"
@@ -390,6 +403,7 @@ class RunSpec(_Strict):
     log_every: int = Field(1, ge=1)
     output_dir: str | None = None
     tensorboard: bool = False
+    nan_padding: bool = False
 
     @field_validator("task", mode="before")
     @classmethod
@@ -400,6 +414,17 @@ class RunSpec(_Strict):
     @classmethod
     def _check_optimizer(cls, value: Any) -> dict[str, Any]:
         return _validate_optimizer(_resolve_optimizer(value))
+
+    @model_validator(mode="after")
+    def _check_nan_padding(self) -> RunSpec:
+        if self.nan_padding:
+            why = nan_padding_unsupported(self.optimizer_spec())
+            if why is not None:
+                raise ValueError(
+                    f"nan_padding: {why}; set nan_padding: false or use a GGN quadratic model "
+                    f"(curvature: {{name: ggn}})"
+                )
+        return self
 
     def optimizer_spec(self) -> Any:
         """Return the resolved :class:`qlrlab.OptimizerSpec`."""
@@ -414,10 +439,35 @@ class RunSpec(_Strict):
         return TASKS.validate(dict(self.task))
 
 
+#: run fields added after runs were first stored: left out of the identity at their default, so
+#: that earlier result directories keep their run hashes
+LATER_FIELD_DEFAULTS: dict[str, Any] = {"nan_padding": False}
+
+#: directions whose curvature comes from BackPACK's own loss handling (no NaN-padding emulation)
+_BACKPACK_DIRECTIONS = frozenset({"kfac", "diag_ggn"})
+
+
+def nan_padding_unsupported(opt: Any) -> str | None:
+    """Why an optimizer spec cannot emulate the original's NaN padding (``None``: it can)."""
+    if opt.direction.name in _BACKPACK_DIRECTIONS:
+        return f"the {opt.direction.name!r} direction takes its curvature from BackPACK"
+    curv = opt.curvature
+    if curv is None:
+        return None
+    if curv.name not in ("ggn", "hessian"):
+        return f"curvature {curv.name!r} has no NaN-padding emulation"
+    if curv.backend == "curvlinops":
+        return "the curvlinops back-end has no NaN-padding emulation"
+    return None
+
+
 def run_hash(spec: RunSpec) -> str:
     """A stable 16-hex-digit identity of a run: a hash of its resolved spec without its label,
-    output directory and checkpoint cadence."""
-    data = spec.model_dump(mode="json", exclude=set(NON_IDENTITY_FIELDS))
+    output directory and checkpoint cadence (and without fields added later while they keep
+    their default)."""
+    exclude = set(NON_IDENTITY_FIELDS)
+    exclude.update(k for k, v in LATER_FIELD_DEFAULTS.items() if getattr(spec, k) == v)
+    data = spec.model_dump(mode="json", exclude=exclude)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
