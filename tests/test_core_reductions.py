@@ -207,3 +207,91 @@ def test_flat_span_and_sq_norm_of_views_of_one_buffer() -> None:
     assert flat_span([flat[:12].view(4, 3).t(), flat[12:]]) is None  # not contiguous
     assert flat_span([flat[4:8], flat[:4]]) is None  # out of order
     assert dot(xs, separate) == pytest.approx(float(flat @ flat), rel=1e-14)
+
+
+def _clipped_sgd_reference(model, loss_fn, batches, group_lrs, bound, momentum=0.0, mults=None):
+    """Plain-torch K-FAC norm constraint with d = g: kappa = min(1, sqrt(c / sum lr_i^2 |g_i|^2)),
+    then delta = -lr_i kappa g + mu m_i delta_prev (kfac-jax: constrain before momentum; the
+    momentum rule multiplies its whole update, momentum term included, by the group's lr m_i)."""
+    mults = mults or [1.0] * len(group_lrs)
+    losses, kappas, prev = [], [], None
+    for x, y in batches:
+        model.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            ps = list(model.parameters())
+            total = sum(lr**2 * (p.grad * p.grad).sum() for p, lr in zip(ps, group_lrs))
+            kappa = min(1.0, float(torch.sqrt(bound / total)))
+            delta = [-lr * kappa * p.grad for p, lr in zip(ps, group_lrs)]
+            if prev is not None:
+                delta = [d + momentum * m * q for d, q, m in zip(delta, prev, mults)]
+            for p, d in zip(ps, delta):
+                p.add_(d)
+            prev = delta
+        losses.append(loss.item())
+        kappas.append(kappa)
+    return losses, kappas
+
+
+@pytest.mark.parametrize("rule", ["fixed", "momentum"])
+@pytest.mark.parametrize("groups", [False, True])
+def test_norm_constraint_equals_clipped_sgd(rule: str, groups: bool) -> None:
+    """K-FAC's norm constraint with the SGD direction is gradient clipping in the metric
+    sum_i lr_i^2 |g_i|^2 (before momentum for the momentum rule); per-group learning rates
+    enter the norm; the constraint is active on some steps and not on others."""
+    model, loss_fn, batches = _problem()
+    ref = copy.deepcopy(model)
+    lr, bound, mu = 0.5, 0.03, (0.5 if rule == "momentum" else 0.0)
+    mults = [0.2, 0.2, 1.0, 1.0] if groups else [1.0] * 4
+    l_ref, kappas = _clipped_sgd_reference(
+        ref, loss_fn, batches, [lr * m for m in mults], bound, mu, mults
+    )
+    assert min(kappas) < 0.9 and max(kappas) == 1.0  # both regimes occur
+    step = {"name": rule, "lr": lr, "norm_constraint": bound}
+    if rule == "momentum":
+        step["momentum"] = mu
+    spec = qlrlab.OptimizerSpec.model_validate({"direction": {"name": "sgd"}, "step_size": step})
+    params: object = None
+    if groups:
+        params = [{"params": model[0].parameters(), "lr": 0.2}, {"params": model[2].parameters()}]
+    opt = qlrlab.build_optimizer(spec, model, loss_fn, params)
+    if rule == "fixed":  # fixed writes its lr into the groups; the first group keeps 0.2 * lr
+        if groups:
+            opt.param_groups[0]["lr"] = 0.2 * lr
+    elif groups:  # the momentum rule's update is multiplied by the group's lr (default 1)
+        opt.param_groups[0]["lr"] = 0.2
+        opt.param_groups[1]["lr"] = 1.0
+    l_ours = [opt.step(b).loss for b in batches]
+    _assert_same(model, ref, l_ours, l_ref, 1e-12)
+
+
+@pytest.mark.parametrize("rule", ["fixed", "momentum"])
+def test_inactive_norm_constraint_changes_nothing(rule: str) -> None:
+    model, loss_fn, batches = _problem()
+    twin = copy.deepcopy(model)
+    step = {"name": rule, "lr": 0.1}
+    plain = qlrlab.build_optimizer(
+        {"direction": {"name": "adam"}, "step_size": step}, model, loss_fn
+    )
+    big = {"direction": {"name": "adam"}, "step_size": {**step, "norm_constraint": 1e30}}
+    constrained = qlrlab.build_optimizer(big, twin, loss_fn)
+    for b in batches[:10]:
+        assert plain.step(b).loss == constrained.step(b).loss
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_norm_constraint_is_validated_and_only_on_fixed_rates() -> None:
+    with pytest.raises(ValueError, match="norm_constraint"):
+        qlrlab.OptimizerSpec.model_validate(
+            {"direction": {"name": "sgd"}, "step_size": {"name": "fixed", "norm_constraint": 0}}
+        )
+    with pytest.raises(ValueError, match="norm_constraint"):  # adaptive rules do not take it
+        qlrlab.OptimizerSpec.model_validate(
+            {
+                "direction": {"name": "adam"},
+                "curvature": {"name": "ggn"},
+                "step_size": {"name": "quadratic", "norm_constraint": 1e-3},
+            }
+        )

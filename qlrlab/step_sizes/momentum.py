@@ -19,6 +19,7 @@ from torch import Tensor
 
 from qlrlab.interfaces import Proposal, StepContext, StepSizeRule
 from qlrlab.registry import STEP_SIZES, ComponentSpec
+from qlrlab.step_sizes.norm_constraint import norm_constraint_coefficient
 
 __all__ = ["MomentumSpec", "MomentumStepSize"]
 
@@ -30,11 +31,15 @@ class MomentumSpec(ComponentSpec):
     Attributes:
         lr: :math:`\\alpha \\ge 0`.
         momentum: :math:`\\mu \\in [0, 1)`.
+        norm_constraint: K-FAC's norm constraint :math:`c > 0`, applied to :math:`d_t` before
+            momentum as in kfac-jax (:mod:`qlrlab.step_sizes.norm_constraint`); ``None``
+            (default): off.
     """
 
     name: Literal["momentum"] = "momentum"
     lr: float = Field(1e-3, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    norm_constraint: float | None = Field(None, gt=0.0)
 
     def build(self) -> MomentumStepSize:
         """Build the rule."""
@@ -54,16 +59,26 @@ class MomentumStepSize(StepSizeRule):
         """Return the explicit update."""
         assert ctx.direction is not None
         s = self.spec
-        update = [-s.lr * t.detach() for t in ctx.direction]
+        mults = [float(ctx.param_groups[gi]["lr"]) for gi in ctx.group_index]
+        ref = ctx.direction[0]
+        alpha = torch.tensor(s.lr, dtype=ref.dtype, device=ref.device)
+        extras: dict[str, Any] = {}
+        if s.norm_constraint is None:
+            update = [-s.lr * t.detach() for t in ctx.direction]
+        else:  # kappa * d before momentum, as kfac-jax constrains the preconditioned gradient
+            lrs = [s.lr * m for m in mults]
+            kappa = norm_constraint_coefficient(ctx.grads, ctx.direction, lrs, s.norm_constraint)
+            alpha = alpha * kappa
+            update = [-alpha * t.detach() for t in ctx.direction]
+            extras["norm_coefficient"] = kappa
         if self.previous is not None and s.momentum:
             torch._foreach_add_(update, self.previous, alpha=s.momentum)
-        mults = [float(ctx.param_groups[gi]["lr"]) for gi in ctx.group_index]
         self.previous = [u * m for u, m in zip(update, mults)]
-        ref = ctx.direction[0]
         return Proposal(
-            alpha=torch.tensor(s.lr, dtype=ref.dtype, device=ref.device),
+            alpha=alpha,
             update=update,
             momentum=torch.tensor(s.momentum, dtype=ref.dtype, device=ref.device),
+            extras=extras,
         )
 
     def state_dict(self) -> dict[str, Any]:
