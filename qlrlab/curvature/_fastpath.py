@@ -474,13 +474,12 @@ class ChainTangents:
 
     def __init__(self, chain: list[Record], params: Sequence[Tensor]) -> None:
         self.chain = chain
-        self.index = {id(p): i for i, p in enumerate(params)}
         self._key: list[Tensor] | None = None
         self._first: tuple[int, Tensor] | None = None
         self._first_is_out = False
         # the plan both passes follow: per leaf, (index, record, module, kind, position of its
         # weight's and bias's tangent in v or -1); built once per chain
-        index = self.index
+        index = {id(p): i for i, p in enumerate(params)}
         plan: list[tuple[int, Record, Any, str, int, int]] = []
         for li, r in enumerate(chain):
             m = r.module
@@ -492,7 +491,6 @@ class ChainTangents:
             bi = -1 if b is None else index.get(id(b), -1)
             plan.append((li, r, m, r.kind, wi, bi))
         self._plan = plan
-        self.kinds = [k for _, _, _, k, _, _ in plan]
         self._cm_first, self._cm_refs = self._plan_class_major_first()
 
     def _plan_class_major_first(self) -> tuple[int, list[tuple[Record, str]]]:
@@ -551,12 +549,6 @@ class ChainTangents:
         for rec, attr in self._cm_refs:
             setattr(rec, attr, ycm)
 
-    def _tangent_of(self, p: Tensor | None, v: Sequence[Tensor]) -> Tensor | None:
-        if p is None:
-            return None
-        i = self.index.get(id(p))
-        return None if i is None else v[i]
-
     def tangent(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Outputs :math:`z` and :math:`u = Jv` from the cached activations."""
         u: Tensor | None = None
@@ -610,10 +602,6 @@ class ChainTangents:
             and first[1].untyped_storage().data_ptr() == u.untyped_storage().data_ptr()
         )
         return z, (torch.zeros_like(z) if u is None else u)
-
-    def _input(self, li: int) -> Tensor | None:
-        """The cached input of leaf ``li``."""
-        return self.chain[li].x
 
     @staticmethod
     def _param_tangent(
