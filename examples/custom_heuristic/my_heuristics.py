@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from qlrlab.damping import check_damping_bounds, clip_damping
 from qlrlab.interfaces import DampingSchedule, Proposal, StepContext, StepSizeRule
 from qlrlab.registry import DAMPINGS, STEP_SIZES, ComponentSpec
 
@@ -118,11 +119,7 @@ class SmoothRhoSpec(ComponentSpec):
 
     @model_validator(mode="after")
     def _check_bounds(self) -> SmoothRhoSpec:
-        if self.max_damping is not None and self.max_damping < self.min_damping:
-            raise ValueError(
-                f"max_damping ({self.max_damping}) must be at least min_damping "
-                f"({self.min_damping})"
-            )
+        check_damping_bounds(self.min_damping, self.max_damping)
         return self
 
     def build(self) -> SmoothRho:
@@ -142,10 +139,7 @@ class SmoothRho(DampingSchedule):
         self._lambda = self._clip(self.spec.initial)
 
     def _clip(self, lam: float) -> float:
-        lam = max(lam, self.spec.min_damping)
-        if self.spec.max_damping is not None:
-            lam = min(lam, self.spec.max_damping)
-        return lam
+        return clip_damping(lam, self.spec.min_damping, self.spec.max_damping)
 
     @property
     def value(self) -> float:

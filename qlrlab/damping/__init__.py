@@ -7,6 +7,7 @@ the same mini-batch. The optimiser evaluates :math:`f(\\theta_{new})` only when 
 """
 
 from qlrlab.damping.accept_reject import AcceptReject, AcceptRejectSpec
+from qlrlab.damping.bounds import check_damping_bounds, clip_damping
 from qlrlab.damping.constant import ConstantDamping, ConstantSpec
 from qlrlab.damping.kfac import KFACDamping, KFACDampingSpec
 from qlrlab.damping.levenberg_marquardt import LevenbergMarquardt, LevenbergMarquardtSpec
@@ -20,4 +21,6 @@ __all__ = [
     "KFACDampingSpec",
     "LevenbergMarquardt",
     "LevenbergMarquardtSpec",
+    "check_damping_bounds",
+    "clip_damping",
 ]

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from qlrlab.damping.bounds import check_damping_bounds, clip_damping
 from qlrlab.interfaces import DampingSchedule
 from qlrlab.registry import DAMPINGS, ComponentSpec
 
@@ -64,11 +65,7 @@ class LevenbergMarquardtSpec(ComponentSpec):
                 f"lower_threshold ({self.lower_threshold}) must be below upper_threshold "
                 f"({self.upper_threshold}); the usual values are 0.25 and 0.75"
             )
-        if self.max_damping is not None and self.max_damping < self.min_damping:
-            raise ValueError(
-                f"max_damping ({self.max_damping}) must be at least min_damping "
-                f"({self.min_damping}); raise max_damping or set it to null"
-            )
+        check_damping_bounds(self.min_damping, self.max_damping)
         return self
 
     def build(self) -> LevenbergMarquardt:
@@ -87,10 +84,7 @@ class LevenbergMarquardt(DampingSchedule):
         self._lambda = self._clip(self.spec.initial)
 
     def _clip(self, lam: float) -> float:
-        lam = max(lam, self.spec.min_damping)
-        if self.spec.max_damping is not None:
-            lam = min(lam, self.spec.max_damping)
-        return lam
+        return clip_damping(lam, self.spec.min_damping, self.spec.max_damping)
 
     @property
     def value(self) -> float:
