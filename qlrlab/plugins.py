@@ -31,6 +31,11 @@ class PluginError(ImportError):
     """A plugin could not be imported (the message names it and the fix)."""
 
 
+def _env_plugins() -> list[str]:
+    """The plugins recorded in ``QLRLAB_PLUGINS``, in order."""
+    return [n for n in os.environ.get(ENV_VAR, "").split(os.pathsep) if n]
+
+
 def _is_file(name: str) -> bool:
     return name.endswith(".py") or os.sep in name or "/" in name
 
@@ -86,12 +91,10 @@ def load_plugins(plugins: Iterable[str]) -> list[ModuleType]:
         modules.append(module)
         names.append(key)
     if names:
-        known = [n for n in os.environ.get(ENV_VAR, "").split(os.pathsep) if n]
-        os.environ[ENV_VAR] = os.pathsep.join(dict.fromkeys(known + names))
+        os.environ[ENV_VAR] = os.pathsep.join(dict.fromkeys(_env_plugins() + names))
     return modules
 
 
 def load_plugins_from_env() -> list[ModuleType]:
     """Import the plugins listed in ``QLRLAB_PLUGINS`` (in worker processes)."""
-    names = [n for n in os.environ.get(ENV_VAR, "").split(os.pathsep) if n]
-    return [_load_one(n)[0] for n in names]
+    return [_load_one(n)[0] for n in _env_plugins()]
