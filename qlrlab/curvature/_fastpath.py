@@ -784,7 +784,6 @@ def _masked_head_class_major(
     mask = None if r.mask is None else r.mask.view(torch.uint8)
     src = r.x if r.relu_from_x else r.y
     out = torch.empty((m.out_features, n), dtype=u.dtype, device=u.device)
-    bias = None if db is None else db.unsqueeze(1)
     if dw is None:
         w = m.weight
         buf = torch.empty((rows, hid), dtype=u.dtype, device=u.device)
@@ -804,7 +803,7 @@ def _masked_head_class_major(
         if dw is not None:
             assert x is not None
             b[:, hid:].copy_(x[s:e])
-        out[:, s:e] = torch.mm(w, b.t()) if bias is None else torch.addmm(bias, w, b.t())
+        out[:, s:e] = _product_class_major(b, w, db)
     return out.t()
 
 
