@@ -215,7 +215,7 @@ def _finish(result: Any, out: Path, args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from qlrlab.distributed import init_from_env
+    from qlrlab.distributed import init_from_env, shutdown
     from qlrlab.engine.ablation import execute_planned, preflight, prepare_output
     from qlrlab.engine.specs import PlannedRun, resolve_run, run_hash
 
@@ -240,7 +240,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         spec=spec.model_dump(mode="json"),
     )
     result = execute_planned(planned, store, quiet=args.quiet, desc=spec.name)
-    return _finish(result, out, args)
+    code = _finish(result, out, args)
+    shutdown()  # under torchrun: the workers leave the process group together
+    return code
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:

@@ -31,7 +31,8 @@ means); train-mode BatchNorm normalises with each worker's own batch statistics 
 uses ``nn.SyncBatchNorm``; Monte-Carlo curvature estimates draw different samples per worker.
 
 Launching: ``torchrun --nproc-per-node 2 -m qlrlab run ...`` (gloo on CPU, NCCL on GPUs); the
-CLI calls :func:`init_from_env` first, which is a no-op outside ``torchrun``.
+CLI calls :func:`init_from_env` first, which is a no-op outside ``torchrun``, and
+:func:`shutdown` last.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "shard",
+    "shutdown",
 ]
 
 
@@ -110,6 +112,19 @@ def init_from_env(backend: str | None = None, device: str | None = None) -> Dist
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every worker, then destroy it (a no-op when
+    ``torch.distributed`` is not initialised).
+
+    Without the barrier a worker that finishes first can tear down its gloo connections while
+    its peer is still closing them; the peer then aborts at exit ("terminate called without an
+    active exception", exit code -6) although its results are complete.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(t: Tensor, group: Any = None) -> Tensor:

@@ -16,6 +16,7 @@ from qlrlab.distributed import (
     init_from_env,
     is_distributed,
     shard,
+    shutdown,
 )
 from qlrlab.losses import HalfMSELoss
 
@@ -93,7 +94,7 @@ def _worker(rank: int, world: int, port: int, out) -> None:
             res.append((infos, params, getattr(opt.curvature, "last_path", None)))
         out.put((rank, res))
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def test_two_workers_match_one_process() -> None:
