@@ -1,0 +1,1 @@
+"""Shared curvature machinery used by several components (K-FAC factor capture, BackPACK twin)."""
