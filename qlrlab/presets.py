@@ -139,16 +139,24 @@ def kfac(
     damping_decay: float = 0.9,
     fisher: str = "mc",
     damping_mode: str = "factored_pi",
-    fallback: str = "diag_ggn",
+    fallback: str = "adam",
+    backend: str = "auto",
+    bias: str = "joint",
+    kfac_approx: str = "expand",
 ) -> OptimizerSpec:
     """K-FAC as the paper ran kfac-jax 0.0.3: Kronecker factors from one Monte-Carlo sample
-    (BackPACK ``KFAC``), curvature EMA 0.95, inverses and damping adapted every step, factored
-    Tikhonov damping with the π correction, learning rate and momentum from the 2×2 exact (GGN)
-    quadratic model, damping λ0 = 1 adapted by ×0.9 / ÷0.9 with ρ from the undamped model."""
+    (hook back-end, own generator), kfac-jax's joint ``[W b]`` bias block, curvature EMA 0.95,
+    inverses and damping adapted every step, factored Tikhonov damping with the π correction,
+    learning rate and momentum from the 2×2 exact (GGN) quadratic model, damping λ0 = 1
+    adapted by ×0.9 / ÷0.9 with ρ from the undamped model. Parameters of other layers
+    (Embedding, LayerNorm, tied weights) get Adam's diagonal (``fallback: adam``)."""
     return OptimizerSpec.model_validate(
         {
             "direction": {
                 "name": "kfac",
+                "backend": backend,
+                "bias": bias,
+                "kfac_approx": kfac_approx,
                 "fisher": fisher,
                 "curvature_ema": curvature_ema,
                 "inverse_period": inverse_period,
@@ -183,7 +191,12 @@ def kfac_unadaptive(
     with every ``use_adaptive_*`` off; file defaults lr 1e-3, μ 0.9, λ 1)."""
     return OptimizerSpec.model_validate(
         {
-            "direction": {"name": "kfac", "curvature_ema": curvature_ema},
+            "direction": {
+                "name": "kfac",
+                "curvature_ema": curvature_ema,
+                "bias": "joint",
+                "fallback": "adam",
+            },
             "step_size": {"name": "momentum", "lr": lr, "momentum": momentum},
             "damping": {"name": "constant", "value": damping},
         }

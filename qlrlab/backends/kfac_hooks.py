@@ -73,6 +73,7 @@ __all__ = [
     "FactorLayer",
     "KroneckerFactorCapture",
     "assign_parameters",
+    "check_loss",
     "input_factor",
     "output_cotangents",
     "output_factor",
@@ -329,6 +330,26 @@ def output_factor(
 
 
 # -- output cotangents -----------------------------------------------------------------------
+def check_loss(loss_fn: nn.Module) -> None:
+    """Raise ``ValueError`` (naming the fix) for a loss :func:`output_cotangents` cannot serve."""
+    if not isinstance(
+        loss_fn, (nn.CrossEntropyLoss, nn.MSELoss, HalfMSELoss, nn.BCEWithLogitsLoss)
+    ):
+        raise ValueError(
+            f"kfac: Kronecker factors need CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or "
+            f"HalfMSELoss, not {type(loss_fn).__name__}; use another direction"
+        )
+    if getattr(loss_fn, "reduction", "mean") not in ("mean", "sum"):
+        raise ValueError("kfac: the loss must use reduction 'mean' or 'sum'")
+    if (
+        getattr(loss_fn, "weight", None) is not None
+        or getattr(loss_fn, "pos_weight", None) is not None
+    ):
+        raise ValueError(
+            f"kfac: {type(loss_fn).__name__} with class weights is not supported; drop `weight`"
+        )
+
+
 def output_cotangents(
     loss_fn: nn.Module,
     z: Tensor,
@@ -530,6 +551,10 @@ class KroneckerFactorCapture:
         for c, g in zip(calls, grads):
             c.grad = None if g is None else g.detach()
 
+    def _batch_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._batch_size is None and args and isinstance(args[0], Tensor) and args[0].ndim:
+            self._batch_size = int(args[0].shape[0])
+
     @contextlib.contextmanager
     def capture(self, batch_size: int | None = None) -> Iterator[KroneckerFactorCapture]:
         """Install the hooks for one forward/backward pass (in-place activations are made
@@ -538,6 +563,8 @@ class KroneckerFactorCapture:
         self._batch_size = batch_size
         handles = [lay.module.register_forward_hook(self._forward_hook) for lay in self.layers]
         handles.append(self.loss_fn.register_forward_hook(self._loss_hook))
+        if batch_size is None and self.approx == "reduce":  # read it from the model's input
+            handles.append(self.model.register_forward_pre_hook(self._batch_hook))
         inplace = [m for m in self.model.modules() if getattr(m, "inplace", None) is True]
         for m in inplace:
             m.inplace = False  # type: ignore[assignment]

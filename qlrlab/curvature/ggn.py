@@ -80,8 +80,12 @@ class BoundGGN(BoundCurvature):
         )
 
     def jvp(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Outputs :math:`z` and output tangent :math:`u = Jv` (one forward-mode pass)."""
-        with torch.no_grad(), side_effect_free(self.problem.model):
+        """Outputs :math:`z` and output tangent :math:`u = Jv` (one forward-mode pass; fused
+        attention kernels, which lack forward-mode AD on the CPU, e.g. in
+        ``nn.MultiheadAttention``, run with the math back-end)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with torch.no_grad(), side_effect_free(self.problem.model), sdpa_kernel(SDPBackend.MATH):
             z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))
         self._z = z
         return z, u
