@@ -462,7 +462,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if extra is None:
             return
         dev = self._params[0].device if self._params else torch.device("cpu")
-        extra = _to_device(extra, dev)
+        dtype = self._params[0].dtype if self._params else None
+        extra = _to_device(extra, dev, dtype)
         self._step = int(extra["step"])
         self.direction.load_state_dict(extra["direction"])
         if self.curvature is not None:
@@ -480,13 +481,16 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return f"ComposedOptimizer({', '.join(names)})"
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor to ``device``; floating tensors also to ``dtype`` (the parameters')."""
     if isinstance(obj, Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
         return obj.to(device)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, dtype) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)(_to_device(v, device, dtype) for v in obj)
     return obj
 
 

@@ -171,7 +171,9 @@ def assign_parameters(
     """
     index = {id(p): i for i, p in enumerate(params)}
     if names is None:
-        pn = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        pn: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            pn.setdefault(id(p), n)  # the first name of a shared parameter
         names = [pn.get(id(p), f"#{i}") for i, p in enumerate(params)]
     owners: dict[int, dict[int, str]] = {}  # param id -> {module id: path}
     modules: dict[int, tuple[str, nn.Module]] = {}
@@ -204,7 +206,7 @@ def assign_parameters(
                 reason = f"weight of {path!r} is tied to (also held by) {sh}"
         if reason is not None:
             for p in opt.values():
-                fallback[index[id(p)]] = reason
+                fallback.setdefault(index[id(p)], reason)
             continue
         b = opt.get("bias")
         bi: int | None = None

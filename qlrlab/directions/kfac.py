@@ -256,7 +256,9 @@ class KFACDirection(DirectionProvider):
 
         s = self.spec
         params = list(params)
-        pn = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        pn: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            pn.setdefault(id(p), n)  # the first name of a shared parameter
         self._names = [pn.get(id(p), f"#{i}") for i, p in enumerate(params)]
         self._dtype = params[0].dtype if params else None
         self._device = params[0].device if params else None
