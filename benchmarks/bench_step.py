@@ -166,6 +166,7 @@ OPTIMISERS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamqlr (curvlinops)": ("adamqlr", {"curvature.backend": "curvlinops"}),
     "kfac": ("kfac", {}),
     "kfac (inverses every 10)": ("kfac", {"direction.inverse_period": 10}),
+    "kfac (backpack)": ("kfac", {"direction.backend": "backpack"}),
 }
 
 

@@ -77,6 +77,7 @@ __all__ = [
     "input_factor",
     "output_cotangents",
     "output_factor",
+    "symmetric_gram",
 ]
 
 KFACApprox = Literal["expand", "reduce"]
@@ -280,16 +281,44 @@ def input_factor(
         for x in inputs
     ]
     if approx == "expand":
-        flat = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
+        flats = [r.reshape(-1, r.shape[-1]) for r in rows]
+        flat = flats[0] if len(flats) == 1 else torch.cat(flats)
     else:
         if len({r.shape[0] for r in rows}) != 1:
             raise ValueError(
                 "kfac_approx: reduce needs every call of a layer to see the same batch size"
             )
-        flat = torch.cat(rows, dim=1).mean(1)
-    if joint_bias:
-        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
-    return (flat.T @ flat) / flat.shape[0]
+        flat = (rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)).mean(1)
+    m, n = flat.shape
+    if not joint_bias:
+        return symmetric_gram(flat).div_(m)
+    # [a; 1][a; 1]^T averaged: the ones column never materialised
+    out = flat.new_empty(n + 1, n + 1)
+    symmetric_gram(flat, out=out[:-1, :-1]).div_(m)
+    mean = flat.mean(0)
+    out[:-1, -1] = mean
+    out[-1, :-1] = mean
+    out[-1, -1] = 1.0
+    return out
+
+
+def symmetric_gram(x: Tensor, blocks: int = 4, out: Tensor | None = None) -> Tensor:
+    """:math:`X^\top X` computing only the blocks on and above the diagonal (a symmetric rank-k
+    update by ``blocks`` column blocks: :math:`(b+1)/(2b)` of the products of ``x.T @ x``)."""
+    n = x.shape[1]
+    if out is None:
+        out = x.new_empty(n, n)
+    if n < 256 or blocks < 2:
+        return torch.mm(x.T, x, out=out) if out.is_contiguous() else out.copy_(x.T @ x)
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    for i in range(blocks):
+        lo, hi = edges[i], edges[i + 1]
+        row = out[lo:hi, lo:]
+        torch.mm(x[:, lo:hi].T, x[:, lo:], out=row) if row.is_contiguous() else row.copy_(
+            x[:, lo:hi].T @ x[:, lo:]
+        )
+        out[hi:, lo:hi] = row[:, hi - lo :].T
+    return out
 
 
 def output_factor(
@@ -325,10 +354,12 @@ def output_factor(
                 r = g.movedim(d + 1, 1).reshape(k, gs[d], -1, gs[-1])
         rows.append(r)
     if approx == "expand":
-        flat = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
+        flats = [r.reshape(-1, r.shape[-1]) for r in rows]
+        flat = flats[0] if len(flats) == 1 else torch.cat(flats)
     else:
-        flat = torch.cat(rows, dim=2).sum(2).reshape(-1, rows[0].shape[-1])
-    return (flat.T @ flat) * scale
+        summed = rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
+        flat = summed.sum(2).reshape(-1, rows[0].shape[-1])
+    return symmetric_gram(flat) * scale
 
 
 # -- output cotangents -----------------------------------------------------------------------

@@ -69,7 +69,13 @@ from qlrlab.distributed import broadcast_from_owners, is_distributed
 from qlrlab.interfaces import DirectionProvider, StepContext
 from qlrlab.registry import DIRECTIONS, ComponentSpec
 
-__all__ = ["KFACDirection", "KFACSpec", "damped_cholesky_inverse", "safe_eigh"]
+__all__ = [
+    "KFACDirection",
+    "KFACSpec",
+    "damped_cholesky",
+    "damped_cholesky_inverse",
+    "safe_eigh",
+]
 
 
 @DIRECTIONS.register("kfac")
@@ -164,6 +170,28 @@ def damped_cholesky_inverse(m: Tensor, damping: float) -> Tensor:
     )
     evals, evecs = safe_eigh(mat)
     return (evecs / evals.clamp_min(max(damping, 1e-12))) @ evecs.T
+
+
+def damped_cholesky(m: Tensor, damping: float) -> Tensor:
+    """Lower Cholesky factor :math:`L` of :math:`M + \text{damping}\,I` (retried in float64;
+    if even that fails, of the eigenvalue-clamped matrix), for ``torch.cholesky_solve``."""
+    mat = m.clone()
+    mat.diagonal().add_(damping)
+    chol, info = torch.linalg.cholesky_ex(mat)
+    if int(info) == 0:
+        return chol
+    chol64, info64 = torch.linalg.cholesky_ex(mat.double())
+    if int(info64) == 0:
+        return chol64.to(m.dtype)
+    warnings.warn(
+        "kfac: a damped factor is not positive definite even in float64; using an eigenvalue-"
+        "clamped factor (increase the damping)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    evals, evecs = safe_eigh(mat.double())
+    clamped = (evecs * evals.clamp_min(max(damping, 1e-12))) @ evecs.T
+    return torch.linalg.cholesky(clamped).to(m.dtype)
 
 
 def safe_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -358,8 +386,9 @@ class KFACDirection(DirectionProvider):
             old = self.factors[i]
             if old is None or eps == 0.0:
                 self.factors[i] = [t.clone() for t in new_list]
-            else:
-                self.factors[i] = [eps * o + (1.0 - eps) * n for o, n in zip(old, new_list)]
+            else:  # in place (snapshots for rejected steps are copies)
+                for o, n in zip(old, new_list):
+                    o.mul_(eps).add_(n, alpha=1.0 - eps)
 
     def _update_adam(self, grads: list[Tensor]) -> None:
         assert self.twin is not None
@@ -412,7 +441,7 @@ class KFACDirection(DirectionProvider):
         if lay.bias is not None and not lay.joint and self.factors[lay.bias] is not None:
             if s.damping_mode == "exact" or not has_w:
                 (g,) = self.factors[lay.bias]  # type: ignore[misc]
-                self.inverses[lay.bias] = [damped_cholesky_inverse(g, lam)]
+                self.inverses[lay.bias] = [damped_cholesky(g, lam)]
         if not has_w:
             return
         assert lay.weight is not None
@@ -432,8 +461,8 @@ class KFACDirection(DirectionProvider):
         root = math.sqrt(lam)
         damp_a = max(pi * root, s.min_damping)
         damp_g = max(root / pi, s.min_damping)
-        ginv = damped_cholesky_inverse(g, damp_g)
-        self.inverses[lay.weight] = [ginv, damped_cholesky_inverse(a, damp_a)]
+        ginv = damped_cholesky(g, damp_g)
+        self.inverses[lay.weight] = [ginv, damped_cholesky(a, damp_a)]
         if lay.bias is not None and not lay.joint and self.factors[lay.bias] is not None:
             # curvlinops convention: the bias shares the weight's damped G inverse
             self.inverses[lay.bias] = [ginv]
@@ -477,8 +506,9 @@ class KFACDirection(DirectionProvider):
                         d[i] = grads[i] * inv[0]
                 continue
             if lay.bias is not None and not lay.joint and self.inverses[lay.bias] is not None:
-                (ginv,) = self.inverses[lay.bias]  # type: ignore[misc]
-                d[lay.bias] = ginv @ grads[lay.bias]
+                (chol_g,) = self.inverses[lay.bias]  # type: ignore[misc]
+                gb = grads[lay.bias].reshape(-1, 1)
+                d[lay.bias] = torch.cholesky_solve(gb, chol_g).reshape(grads[lay.bias].shape)
             w = lay.weight
             if w is None or self.inverses[w] is None:
                 continue
@@ -491,9 +521,9 @@ class KFACDirection(DirectionProvider):
             if self.spec.damping_mode == "exact":
                 qg, qa, dinv = inv
                 out = qg @ ((qg.T @ gm @ qa) * dinv) @ qa.T
-            else:
-                ginv, ainv = inv
-                out = ginv @ gm @ ainv
+            else:  # G^-1 gm A^-1 by two Cholesky solves (A symmetric)
+                chol_g, chol_a = inv
+                out = torch.cholesky_solve(torch.cholesky_solve(gm, chol_g).T, chol_a).T
             if lay.joint:
                 assert lay.bias is not None
                 d[lay.bias] = out[:, -1].reshape(grads[lay.bias].shape)
