@@ -173,7 +173,7 @@ def damped_cholesky_inverse(m: Tensor, damping: float) -> Tensor:
 
 
 def damped_cholesky(m: Tensor, damping: float) -> Tensor:
-    """Lower Cholesky factor :math:`L` of :math:`M + \text{damping}\,I` (retried in float64;
+    r"""Lower Cholesky factor :math:`L` of :math:`M + \text{damping}\,I` (retried in float64;
     if even that fails, of the eigenvalue-clamped matrix), for ``torch.cholesky_solve``."""
     mat = m.clone()
     mat.diagonal().add_(damping)
@@ -564,10 +564,13 @@ class KFACDirection(DirectionProvider):
     def state_dict(self) -> dict[str, Any]:
         """Step counter, averaged factors, cached inverses and their damping, the ``adam``
         fallback's moments, and the sampling generator's state."""
+        def copies(xs: list[Any]) -> list[Any]:  # the EMA updates factors in place
+            return [None if f is None else [t.clone() for t in f] for f in xs]
+
         return {
             "step": self.step,
-            "factors": list(self.factors),
-            "inverses": list(self.inverses),
+            "factors": copies(self.factors),
+            "inverses": copies(self.inverses),
             "inverse_damping": self.inverse_damping,
             "adam_v": list(self.adam_v),
             "adam_step": self.adam_step,
