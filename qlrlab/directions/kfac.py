@@ -564,6 +564,7 @@ class KFACDirection(DirectionProvider):
     def state_dict(self) -> dict[str, Any]:
         """Step counter, averaged factors, cached inverses and their damping, the ``adam``
         fallback's moments, and the sampling generator's state."""
+
         def copies(xs: list[Any]) -> list[Any]:  # the EMA updates factors in place
             return [None if f is None else [t.clone() for t in f] for f in xs]
 
