@@ -461,3 +461,12 @@ def test_assignment_reports_unsupported_conv_settings():
     a = assign_parameters(model, list(model.parameters()))
     assert not a.layers
     assert "groups=2" in a.fallback[0] and "padding='same'" in a.fallback[2]
+
+
+def test_kfac_docs_example_runs():
+    """The Python block of docs/kfac.md runs as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kfac.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "docs/kfac.md", "exec"), {})
