@@ -42,12 +42,12 @@ class KFACDampingSpec(ComponentSpec):
         upper_threshold: 3/4.
         min_damping: 1e-8.
         max_damping: ``None`` (unbounded, kfac-jax's default).
-        min_relative_change: a step whose loss change :math:`|f(\theta_{new}) - f(\theta)|`
-            is at most this times :math:`|f(\theta)|` is below the loss's float32 rounding
-            resolution: its :math:`\rho` says nothing about the model's fit and :math:`\lambda`
-            is left unchanged (``None`` or 0: off, every :math:`\rho` counts, as in kfac-jax).
-            Without it, a loss at its floor gives :math:`\rho = 0` step after step and
-            :math:`\lambda` grows without bound (UCI Energy, full batch).
+        min_relative_change: a step whose loss change :math:`|f(\\theta_{new}) - f(\\theta)|`
+            is at most this times :math:`|f(\\theta)|` is below the loss's float32 rounding
+            resolution: its :math:`\\rho` says nothing about the model's fit and :math:`\\lambda`
+            is left unchanged (``None`` or 0: off, every :math:`\\rho` counts, as in kfac-jax).
+            Without it, a loss at its floor gives :math:`\\rho = 0` step after step and
+            :math:`\\lambda` grows without bound (UCI Energy, full batch).
     """
 
     requires_curvature: ClassVar[bool] = True
