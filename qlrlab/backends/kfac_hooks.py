@@ -303,7 +303,7 @@ def input_factor(
 
 
 def symmetric_gram(x: Tensor, blocks: int = 4, out: Tensor | None = None) -> Tensor:
-    """:math:`X^\top X` computing only the blocks on and above the diagonal (a symmetric rank-k
+    r""":math:`X^\top X` computing only the blocks on and above the diagonal (a symmetric rank-k
     update by ``blocks`` column blocks: :math:`(b+1)/(2b)` of the products of ``x.T @ x``)."""
     n = x.shape[1]
     if out is None:

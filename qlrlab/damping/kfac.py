@@ -100,7 +100,7 @@ class KFACDamping(LevenbergMarquardt):
         super().__init__(self.kfac_spec.to_levenberg_marquardt())
 
     def update(self, *, rho: float | None, loss: float, new_loss: float | None, step: int) -> bool:
-        """The :math:`\rho` rule, skipped when the loss change is below ``min_relative_change``
+        """The :math:`\\rho` rule, skipped when the loss change is below ``min_relative_change``
         (see :class:`KFACDampingSpec`)."""
         tol = self.kfac_spec.min_relative_change
         if tol and new_loss is not None and math.isfinite(loss) and math.isfinite(new_loss):
