@@ -94,7 +94,8 @@ def _factors(backend: str, model, loss_fn, x, y, fisher: str, approx: str = "exp
     d.setup(params, model, loss_fn)
     model.zero_grad()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(123)  # BackPACK samples from the global RNG; hooks from d.generator
+        # BackPACK samples from the global RNG; hooks from d.generator, seeded (seed, step)
+        torch.manual_seed((123 << 32) + 0)
         with d.gradient_pass(model) as module:
             loss_fn(module(x), y).backward()
     g = [p.grad.clone() for p in params]

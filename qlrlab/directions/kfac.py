@@ -97,8 +97,8 @@ class KFACSpec(ComponentSpec):
             factors are fixed: expand-style :math:`A`, reduce-style :math:`G`).
         bias: ``"separate"`` (own block :math:`G` for the bias; curvlinops) or ``"joint"``
             (kfac-jax: one :math:`[W\ b]` block, ones appended to the layer inputs).
-        seed: seed of the direction's own sampling generator (``hooks`` back-end; saved in
-            ``state_dict``; the global RNG is never used).
+        seed: seed of the direction's own sampling generator (``hooks`` back-end; step
+            :math:`t` samples with the seed ``(seed, t)``; the global RNG is never used).
         curvature_ema: factor decay :math:`\epsilon \in [0, 1)` (0 = no averaging).
         inverse_period: recompute the damped inverses every this many steps.
         damping_mode: ``"factored_pi"``, ``"factored"`` or ``"exact"`` (see module docstring).
@@ -256,8 +256,10 @@ class KFACDirection(DirectionProvider):
     State (``state_dict``): ``step``, the averaged ``factors`` per parameter (``[G, A]`` weights
     — ``A`` with the ones row/column under ``bias: joint`` —, ``[G]`` separate biases, ``[diag]``
     ``diag_ggn`` fallback parameters, ``None`` otherwise), the cached ``inverses`` and the
-    damping they were computed with, the ``adam`` fallback's moments and step, and the sampling
-    generator's state.
+    damping they were computed with, the ``adam`` fallback's moments and step. The Monte-Carlo samples of step :math:`t` come from the
+    direction's own generator seeded with ``(seed, t)``, so the step counter is all the sampling
+    state (a resumed or rejected-and-retried step draws the same samples; the global RNG is never
+    used).
     """
 
     spec: KFACSpec
@@ -371,12 +373,14 @@ class KFACDirection(DirectionProvider):
         """Run the gradient pass with the back-end's capture active (the BackPACK twin, or the
         user's model with factor hooks)."""
         assert self.twin is not None, "setup() was not called"
-        with (
-            self.twin.gradient_pass(model)
-            if isinstance(self.twin, _HookSource)
-            else (self.twin.gradient_pass()) as module
-        ):
-            yield module
+        if self.generator is not None:  # this step's samples: a function of (seed, step) only
+            self.generator.manual_seed((self.spec.seed << 32) + self.step)
+        if isinstance(self.twin, _HookSource):
+            with self.twin.gradient_pass(model) as module:
+                yield module
+        else:
+            with self.twin.gradient_pass() as module:
+                yield module
 
     # -- curvature ------------------------------------------------------------------------------
     def _update_factors(self, fresh: dict[int, Any]) -> None:
@@ -562,8 +566,8 @@ class KFACDirection(DirectionProvider):
         return self._apply(grads)
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counter, averaged factors, cached inverses and their damping, the ``adam``
-        fallback's moments, and the sampling generator's state."""
+        """Step counter, averaged factors, cached inverses and their damping, and the ``adam``
+        fallback's moments."""
 
         def copies(xs: list[Any]) -> list[Any]:  # the EMA updates factors in place
             return [None if f is None else [t.clone() for t in f] for f in xs]
@@ -575,7 +579,6 @@ class KFACDirection(DirectionProvider):
             "inverse_damping": self.inverse_damping,
             "adam_v": list(self.adam_v),
             "adam_step": self.adam_step,
-            "generator": None if self.generator is None else self.generator.get_state(),
         }
 
     def _cast(self, t: Tensor) -> Tensor:
@@ -595,6 +598,3 @@ class KFACDirection(DirectionProvider):
         if "adam_v" in state:
             self.adam_v = [None if v is None else self._cast(v) for v in state["adam_v"]]
             self.adam_step = int(state["adam_step"])
-        gen = state.get("generator")
-        if gen is not None and self.generator is not None:
-            self.generator.set_state(gen.to("cpu", torch.uint8))
