@@ -3,7 +3,11 @@ r"""K-FAC direction: Kronecker-factored natural-gradient preconditioning (Marten
 For a ``Linear`` or ``Conv2d`` layer with weight gradient :math:`\nabla W` (``[out, in']``) the
 GGN/Fisher block is approximated by :math:`G \otimes A` (row-major ``W.flatten()``), with
 :math:`A` the input (patch) second moment and :math:`G` the second moment of the backpropagated
-output-gradient factors; the bias block is :math:`G`. The factors come from **BackPACK** during
+output-gradient factors; the bias block is :math:`G` (``bias: separate``) or the bias joins the
+weight in one :math:`[W\ b]` block (``bias: joint``, kfac-jax). ``backend: hooks`` (the default
+via ``auto``) captures the factors with module hooks during the gradient pass
+(``qlrlab.backends.kfac_hooks``; KFAC-expand or -reduce, any model whose K-FAC layers are
+modules; see ``docs/kfac.md``). With ``backend: backpack`` the factors come from **BackPACK** during
 the gradient pass — ``KFAC`` (one or more Monte-Carlo samples of the model's predictive
 distribution, ``fisher: mc``, kfac-jax's ``fisher_gradients``) or ``KFLR`` (the exact square root
 of the loss Hessian, ``fisher: type-2``) — on a twin of the model that shares its Parameters
@@ -84,7 +88,7 @@ class KFACSpec(ComponentSpec):
 
     Attributes:
         backend: where the Kronecker factors come from: ``"hooks"``
-            (:mod:`qlrlab.backends.kfac_hooks`: module hooks during the gradient pass, any model
+            (``qlrlab.backends.kfac_hooks``: module hooks during the gradient pass, any model
             whose K-FAC layers are ``nn.Linear``/``nn.Conv2d`` modules), ``"backpack"`` (BackPACK
             on an fx-converted twin, :mod:`qlrlab.directions._backpack`) or ``"auto"``
             (``hooks``, the faster one, unless ``fallback: diag_ggn`` has parameters to serve,
