@@ -17,7 +17,9 @@ recorded and the next one still runs):
    One subprocess per model group, so that one failure loses one group only.
 4. **ablate**: ``qlrlab ablate benchmarks/gpu_ablation_fmnist.yaml`` (Fashion-MNIST; Adam,
    AdamQLR, K-FAC; 2 seeds) and ``benchmarks/gpu_ablation_resnet.yaml`` (ResNet-18 on synthetic
-   32×32 images written in the CIFAR-10 layout) through the CLI.
+   32×32 images written in the CIFAR-10 layout) through the CLI, then ``qlrlab report DIR
+   --no-plots`` for each (the table; plots would not come back from the device machine).
+   ``--tiny`` cuts budgets and data through ``--set`` overrides of the same specs.
 5. **write**: into ``--out`` (default ``$OUT``, else ``gpu_check_out``) at most 8 files, as the
    device tool brings back: ``summary.md`` (environment, step status and times, every Markdown
    table), ``results.json`` (everything, the raw benchmark rows included) and one log per step.
@@ -61,8 +63,9 @@ SIZES: dict[str, dict[str, Any]] = {
         "fmnist": [],
         "resnet": [],
         "synthetic": (5, 1000, 1000),  # CIFAR-layout batches, images per batch, test images
-        "limit": {"tests": 100, "small": 60, "resnet18": 40, "resnet18_cifar": 45,
-                  "gpt_small": 50, "fmnist": 60, "resnet": 45},
+        # 360 s in all (with the two reports); in practice far less (see docs/performance.md)
+        "limit": {"tests": 80, "small": 45, "resnet18": 35, "resnet18_cifar": 40,
+                  "gpt_small": 45, "fmnist": 50, "resnet": 35, "report": 15},
     },
     "tiny": {
         "bench": ["--warmup", "1", "--steps", "3"],
@@ -70,12 +73,14 @@ SIZES: dict[str, dict[str, Any]] = {
         "gpt": ["--gpt-layers", "2", "--gpt-width", "32", "--gpt-heads", "2",
                 "--gpt-vocab", "100", "--seq-len", "8"],
         "fmnist": ["--set", "base.budget.steps=4", "--set", "base.batch_size=100",
-                   "--set", "base.eval.every=2", "--set", "base.checkpoint_every=2"],
+                   "--set", "base.eval.every=2", "--set", "base.checkpoint_every=2",
+                   "--set", "base.task.subset=1000", "--set", "base.task.eval_subset=500"],
         "resnet": ["--set", "base.budget.steps=2", "--set", "base.batch_size=8",
-                   "--set", "base.eval.every=1", "--set", "base.checkpoint_every=1"],
+                   "--set", "base.eval.every=1", "--set", "base.checkpoint_every=1",
+                   "--set", "base.task.stem=imagenet"],
         "synthetic": (5, 8, 8),
         "limit": {"tests": 300, "small": 300, "resnet18": 300, "resnet18_cifar": 300,
-                  "gpt_small": 300, "fmnist": 300, "resnet": 300},
+                  "gpt_small": 300, "fmnist": 300, "resnet": 300, "report": 120},
     },
 }  # fmt: skip
 
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         default="tests -m cuda -ra -q -p no:cacheprovider --continue-on-collection-errors",
         help="arguments of the tests step (a shell-quoted string)",
     )
+    ap.add_argument("--no-print-summary", dest="print_summary", action="store_false")
     ap.add_argument("--bench-groups", nargs="*", default=[g for g, _ in BENCH_GROUPS])
     args = ap.parse_args(argv)
 
@@ -229,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             prefix = work / f"bench_{group}"
             cmd = [py, str(ROOT / "benchmarks" / "bench_step.py"), "--device", args.device,
-                   "--models", *models, *size["bench"], "--out", str(prefix)]  # fmt: skip
+                   "--models", *models, *size["bench"], "--out", str(prefix),
+                   "--count-syncs"]  # fmt: skip
             if group in size["bench_batch"]:
                 cmd += ["--batch-sizes", size["bench_batch"][group]]
             if group == "gpt_small":
@@ -245,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. ablations through the CLI
     ablations: dict[str, str] = {}
     if "ablate" not in args.skip:
-        common = ["-q", "--overwrite", "--set", f"base.device={args.device}"]
+        # the table only (plots would not come back from the device machine anyway)
+        common = ["-q", "--overwrite", "--no-report", "--set", f"base.device={args.device}"]
         fm_out = work / "ablate_fmnist"
         cmd = [py, "-m", "qlrlab", "ablate", str(ROOT / "benchmarks" / "gpu_ablation_fmnist.yaml"),
                "--out", str(fm_out), *common, *size["fmnist"]]  # fmt: skip
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                *size["resnet"]]  # fmt: skip
         steps.append(run_step("ablate resnet18", cmd, limit["resnet"], out / "ablate.log", env))
         for key, d in (("fashion_mnist", fm_out), ("resnet18", rn_out)):
+            cmd = [py, "-m", "qlrlab", "report", str(d), "--no-plots"]
+            steps.append(run_step(f"report {key}", cmd, limit["report"], out / "ablate.log", env))
             table = d / "report" / "table.md"
             summaries = sorted((d / "runs").glob("*/summary.json"))
             statuses = [json.loads(p.read_text()).get("status") for p in summaries]
@@ -302,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, text in ablations.items():
         md += [f"## Ablation: {key}", "", text, ""]
     (out / "summary.md").write_text("\n".join(md) + "\n")
+    if args.print_summary:  # the device tool returns the console's tail: put the tables there
+        print((out / "summary.md").read_text(), flush=True)
     print(f"[gpu_check] {'all steps ok' if ok else 'some steps FAILED'}; total {total:.1f} s; "
           f"wrote {out}/summary.md and results.json", flush=True)  # fmt: skip
     return 0 if ok else 1

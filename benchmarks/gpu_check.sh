@@ -5,6 +5,17 @@
 #   bash benchmarks/gpu_check.sh                 # --device cuda, full sizes, results in $OUT
 #   bash benchmarks/gpu_check.sh --device cpu --tiny --out /tmp/gc    # the CPU proof
 #
+# On the GPU machine (device tool), in ONE call, after `bash benchmarks/gpu_prepare.sh` has made
+# .whl/ and .gpu_data/ in the checkout the session was started in (the device tool sends that
+# checkout, not a helper's worktree):
+#
+#   run(command="set -o pipefail; bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/console.log",
+#       carry=[".whl", ".gpu_data"], timeout_s=420)
+#
+# The step limits in gpu_check.py add up to 345 s, so the script ends (and writes its summary)
+# before the call's limit; the 6 files in $OUT come back (summary.md, results.json, pytest.log,
+# bench.log, ablate.log, console.log) and the console's tail holds summary.md.
+#
 # First installs the wheels carried in .whl/ (made by benchmarks/gpu_prepare.sh) into /tmp/site
 # and puts them on PYTHONPATH; reads Fashion-MNIST from .gpu_data/ (also made by gpu_prepare.sh)
 # unless QLRLAB_DATA is set. Extra arguments go to gpu_check.py.

@@ -468,7 +468,8 @@ def test_gpu_check_script_cpu_tiny(tmp_path, shared_data) -> None:
     res = json.loads((out / "results.json").read_text())
     assert res["ok"] and res["env"]["device"] == "cpu"
     assert [s["step"] for s in res["steps"]] == [
-        "tests", "bench resnet18", "bench gpt_small", "ablate fashion_mnist", "ablate resnet18"
+        "tests", "bench resnet18", "bench gpt_small", "ablate fashion_mnist", "ablate resnet18",
+        "report fashion_mnist", "report resnet18",
     ]  # fmt: skip
     assert "1 skipped" in (out / "pytest.log").read_text()  # the CUDA variant: no CUDA here
     rows = res["bench_rows"]
