@@ -32,7 +32,8 @@ never overlaps another's); ``wall_median_ms`` keeps the host-side clock too.
 
 Host synchronisations (CUDA, or ``--count-syncs``): one extra step per optimiser runs under
 ``torch.profiler``; ``item_calls`` counts ``aten::_local_scalar_dense`` (every ``.item()`` /
-``float(tensor)``), and on CUDA ``cuda_syncs`` counts the runtime's ``cudaStreamSynchronize`` /
+``float(tensor)``, on CPU tensors too, such as ``torch.optim.Adam``'s per-parameter step
+counters, which do not synchronise with a GPU), and on CUDA ``cuda_syncs`` counts the runtime's ``cudaStreamSynchronize`` /
 ``cudaDeviceSynchronize`` / ``cudaEventSynchronize`` calls and ``d2h_copies`` the device-to-host
 copies; a second extra step runs under ``torch.cuda.set_sync_debug_mode("warn")``, whose
 warnings (``sync_warnings``, with their source lines in ``sync_sites``) name each synchronising
