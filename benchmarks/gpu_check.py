@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     info["qlrlab_data"] = env.get("QLRLAB_DATA")
     print("[gpu_check] environment: " + json.dumps(info), flush=True)
     if args.device == "cuda" and not info["cuda_available"]:
-        print("[gpu_check] --device cuda but CUDA is not available", file=sys.stderr)
+        msg = "--device cuda but CUDA is not available (use --device cpu for the CPU proof)"
+        print(f"[gpu_check] {msg}", file=sys.stderr)
+        (out / "results.json").write_text(json.dumps({"env": info, "error": msg}, indent=1))
         return 2
     steps: list[dict[str, Any]] = []
     limit = size["limit"]
