@@ -381,7 +381,13 @@ def execute_run(
                         row[k] = v
                 row["time"] = train_time
                 loss = d.get("loss")
-                nonfinite = not finite(loss) or str(row["status"]).startswith("nonfinite")
+                # why the run stops, if it does: the optimiser's own status says which quantity
+                # was non-finite (loss, gradient or step size α); a finite loss with a refused
+                # step is not a "non-finite loss"
+                why = str(row["status"]) if str(row["status"]).startswith("nonfinite") else None
+                if why is None and not finite(loss):
+                    why = "nonfinite_loss"
+                nonfinite = why is not None
                 evaluated = False
                 if not nonfinite:
                     recent.append(float(loss))
@@ -390,7 +396,7 @@ def execute_run(
                         row.update(res)
                         evaluated = True
                         if any(not finite(v) for k, v in res.items() if k.endswith("loss")):
-                            nonfinite = True
+                            nonfinite, why = True, "nonfinite_eval"
                 row["wall_time"] = now_wall()
                 if nonfinite or evaluated or step % spec.log_every == 0:
                     rows.append(row)
@@ -401,7 +407,7 @@ def execute_run(
                     if step % 20 == 0 or nonfinite:
                         bar.set_postfix(loss=f"{float(loss):.4g}" if finite(loss) else str(loss))
                 if nonfinite:
-                    status, stop_reason = "diverged", "nonfinite_loss"
+                    status, stop_reason = "diverged", why
                     break
                 if evaluated:
                     if report(row, recent):
