@@ -88,6 +88,7 @@ def test_missing_dataset_without_download_suggests_download(tmp_path, capsys):
     assert "set task.download: true" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_disk_full_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
     """The coordinator's writes failing with ENOSPC (disk full): a message, exit 2."""
     from qlrlab.engine import storage
@@ -109,6 +110,7 @@ def test_disk_full_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in err and "index.json" in err and "fix:" in err
 
 
+@pytest.mark.slow
 def test_huge_damping_run_reports(tmp_path, capsys):
     """damping.initial 1e308: the run completes and its report is written (it crashed in the
     λ plot's log axis)."""
