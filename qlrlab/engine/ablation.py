@@ -92,11 +92,20 @@ def preflight(specs: Sequence[RunSpec]) -> None:
                 task_spec.build("cpu")
         except OSError as exc:
             fname = getattr(exc, "filename", None)
+            if spec.task.get("download", False):  # the download itself failed
+                fix = (
+                    "the download failed (see above): check the network or $QLRLAB_MIRROR, or "
+                    "put the files in task.data_dir (or $QLRLAB_DATA) by hand"
+                )
+            else:
+                fix = (
+                    "put the files in task.data_dir (or $QLRLAB_DATA), or set task.download: "
+                    "true to fetch them"
+                )
             raise SpecError(
                 f"missing or unreadable dataset file{f' {fname}' if fname else ''}: {exc}",
                 field=f"task ({spec.task.get('name')})",
-                fix="put the files in task.data_dir (or $QLRLAB_DATA), or set task.download: true "
-                "to fetch them",
+                fix=fix,
             ) from None
 
 
