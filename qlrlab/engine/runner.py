@@ -230,6 +230,7 @@ def execute_run(
             "spec": spec.model_dump(mode="json"),
             "seed": spec.seed,
             "labels": dict(labels or {}),
+            "threads": torch.get_num_threads(),
             **env,
         },
     )

@@ -187,6 +187,8 @@ class RunStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
+        #: the directory's lock, when this store writes (see ``prepare_output``)
+        self.lock: FolderLock = FolderLock(self.root)
 
     # paths -----------------------------------------------------------------------------------
     def run_dir(self, run_hash: str) -> Path:
@@ -354,6 +356,9 @@ class FolderLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
         self.release()
 
     def acquire(self) -> None:
