@@ -9,11 +9,8 @@ schedule from a validated spec, and train with it as one ``torch.optim.Optimizer
     info = opt.step((inputs, targets))
 """
 
-from qlrlab._lifeline import guard_worker as _guard_worker
-
-_guard_worker()  # an ablation worker ties its life to its coordinator before torch loads
-
-from qlrlab import curvature, damping, directions, presets, step_sizes  # noqa: E402
+# _lifeline first: an ablation worker ties its life to its coordinator before torch loads
+from qlrlab import _lifeline, curvature, damping, directions, presets, step_sizes  # noqa: F401
 from qlrlab.interfaces import (
     BoundCurvature,
     CurvatureOracle,

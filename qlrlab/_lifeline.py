@@ -2,7 +2,8 @@
 
 The coordinator of a local ablation sets :data:`ENV_VAR` to its pid while it spawns its worker
 processes. :func:`guard_worker` runs first thing when such a worker imports qlrlab, before the
-slow imports (torch): on Linux it asks the kernel to send the worker SIGTERM when the
+slow imports (torch; this module is the first that ``qlrlab/__init__.py`` imports, and calls it
+when imported): on Linux it asks the kernel to send the worker SIGTERM when the
 coordinator dies (``PR_SET_PDEATHSIG``), then checks that the coordinator is still its parent,
 and exits at once if it is not (a coordinator SIGKILLed while its workers were starting). The
 worker leaves Ctrl-C (SIGINT) to the coordinator, which stops the workers itself.
@@ -51,3 +52,6 @@ def guard_worker() -> None:
     _set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != _coordinator:  # the coordinator died before this line
         os._exit(143)
+
+
+guard_worker()

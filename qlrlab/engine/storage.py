@@ -32,6 +32,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: output directories are not locked
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "DONE_STATUSES",
     "FolderLock",
@@ -359,13 +364,12 @@ class FolderLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        with contextlib.suppress(Exception):
+            self.release()
 
     def acquire(self) -> None:
         """Take the lock (not blocking)."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
+        if fcntl is None:
             return
         from qlrlab.engine.specs import SpecError
 
@@ -388,8 +392,6 @@ class FolderLock:
     def release(self) -> None:
         """Release the lock (a no-op when not held)."""
         if self._fd is not None:
-            import fcntl
-
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
