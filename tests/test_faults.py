@@ -473,7 +473,7 @@ def test_corrupt_dataset_file_on_disk_is_a_clear_error(protein_dir, tmp_path, ca
     with pytest.raises(ChecksumError) as exc:
         ensure_file(PROTEIN, protein_dir, download=False)
     msg = str(exc.value)
-    assert str(protein_dir / PROTEIN) in msg and "delete" in msg and "download" in msg
+    assert str(protein_dir / PROTEIN) in msg and "delete" in msg.lower() and "download" in msg
     run = _write(tmp_path / "run.yaml", {
         **BASE, "task": {"name": "uci_protein", "data_dir": str(protein_dir), "download": False},
     })  # fmt: skip

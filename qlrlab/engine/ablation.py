@@ -71,6 +71,8 @@ def preflight(specs: Sequence[RunSpec]) -> None:
     """
     import json
 
+    from qlrlab.data.download import ChecksumError
+
     if any(spec.tensorboard for spec in specs):
         import importlib.util
 
@@ -93,6 +95,10 @@ def preflight(specs: Sequence[RunSpec]) -> None:
                 check()
             else:
                 task_spec.build("cpu")
+        except ChecksumError as exc:  # a damaged file on disk: the message says how to repair
+            raise SpecError(
+                str(exc), field=f"task ({spec.task.get('name')})", fix=exc.fix
+            ) from None
         except OSError as exc:
             fname = getattr(exc, "filename", None)
             raise SpecError(
