@@ -441,6 +441,51 @@ def test_optuna_study_killed_twice_resumes_to_a_result(tmp_path):
     assert [e["labels"]["kind"] for e in index["entries"]].count("repeat") == 1
 
 
+def test_interrupted_trial_is_continued_not_failed(tmp_path, monkeypatch, one_thread):
+    """Ctrl-C inside a trial (the run checkpoints, then raises RunInterrupted): the study stops
+    with RunInterrupted, the trial is left to continue, and --resume finishes it as itself."""
+    import optuna
+    from optuna.trial import TrialState
+
+    import qlrlab.engine.tuning as tuning
+    from qlrlab.engine.specs import TuneSpec
+
+    data = {
+        "name": "interrupted",
+        "base": {**BASE, "budget": {"steps": 12}},
+        "space": {"optimizer.step_size.lr": {"type": "log_uniform", "low": 1e-3, "high": 0.1}},
+        "n_trials": 2,
+        "scheduler": {"type": "none"},
+        "trial_overrides": {"eval.every": 3},
+        "repeats": 0,
+    }
+    spec = TuneSpec.model_validate(data)
+    inner = tuning.run_safely
+
+    def interrupted(run, store, **kw):
+        calls.append(1)
+        if len(calls) > 1:
+            return inner(run, store, **kw)
+        with pytest.raises(RunInterrupted):  # what the run loop does on Ctrl-C
+            execute_run(run, store, stop_after=5)
+        raise RunInterrupted("run interrupted at step 5 (SIGINT)")
+
+    calls: list[int] = []
+    monkeypatch.setattr(tuning, "run_safely", interrupted)
+    with pytest.raises(RunInterrupted, match="continues on --resume"):
+        tuning.run_tune(spec, tmp_path / "out", quiet=True)
+    study = optuna.load_study(
+        study_name="interrupted", storage=f"sqlite:///{tmp_path}/out/optuna.db"
+    )
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+    res = tuning.run_tune(spec, tmp_path / "out", quiet=True, resume=True)
+    study = optuna.load_study(
+        study_name="interrupted", storage=f"sqlite:///{tmp_path}/out/optuna.db"
+    )
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert res.n_trials == 2 and res.best_value is not None
+
+
 # --------------------------------------------------------------------------------------------
 # Dataset files
 # --------------------------------------------------------------------------------------------

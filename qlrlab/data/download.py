@@ -381,9 +381,7 @@ def ensure_file(
                     f"Delete it and download it again (task.download: true), or replace it "
                     f"with a good copy from {remote.urls[0]}"
                 )
-                err.fix = (
-                    f"delete {dest} and set task.download: true (or put a good copy there)"
-                )
+                err.fix = f"delete {dest} and set task.download: true (or put a good copy there)"
                 raise err from None
             import sys
 

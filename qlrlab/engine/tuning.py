@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qlrlab.engine.ablation import AblationResult, execute_planned, preflight, prepare_output
-from qlrlab.engine.runner import run_safely
+from qlrlab.engine.runner import RunInterrupted, run_safely
 from qlrlab.engine.specs import (
     PlannedRun,
     RunSpec,
@@ -163,6 +163,12 @@ class _TrialFailed(RuntimeError):
     pass
 
 
+class _TrialInterrupted(BaseException):
+    """Ctrl-C/SIGTERM inside a trial. Neither an ``Exception`` nor a ``KeyboardInterrupt``, so
+    Optuna does not mark the trial failed: it stays ``RUNNING`` and ``--resume`` continues it
+    from its run's checkpoint."""
+
+
 def _suggest(trial: Any, key: str, p: Any) -> Any:
     if p.type == "log_uniform":
         return trial.suggest_float(key, p.low, p.high, log=True)
@@ -264,37 +270,43 @@ def _tune_optuna(
             trial.report(value, r)
             return bool(trial.should_prune())
 
-        res = run_safely(run, store, labels=labels, reporter=reporter)
+        try:
+            res = run_safely(run, store, labels=labels, reporter=reporter)
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            raise _TrialInterrupted(str(exc) or "interrupted") from None
         if res.status == "pruned":
             raise optuna.TrialPruned()
         if res.status == "failed":
             raise _TrialFailed(res.summary.get("error", "run failed"))
         return _objective_value(spec, res.summary, store, h)
 
-    for t in stale:
-        if not t.params and spec.space:  # killed before its parameters were drawn
-            storage.set_trial_user_attr(t._trial_id, "stale", True)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            continue
-        trial = optuna.trial.Trial(study, t._trial_id)
-        try:
-            value = objective(trial, max(t.intermediate_values, default=-1))
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-        except _TrialFailed:
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, value)
-    done = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
-    remaining = max(0, spec.n_trials - done)
-    if remaining:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            catch=(_TrialFailed,),
-            show_progress_bar=False,
-            gc_after_trial=False,
-        )
+    try:
+        for t in stale:
+            if not t.params and spec.space:  # killed before its parameters were drawn
+                storage.set_trial_user_attr(t._trial_id, "stale", True)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                continue
+            trial = optuna.trial.Trial(study, t._trial_id)
+            try:
+                value = objective(trial, max(t.intermediate_values, default=-1))
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+            except _TrialFailed:
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                study.tell(trial, value)
+        done = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
+        remaining = max(0, spec.n_trials - done)
+        if remaining:
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                catch=(_TrialFailed,),
+                show_progress_bar=False,
+                gc_after_trial=False,
+            )
+    except _TrialInterrupted as exc:
+        raise RunInterrupted(f"{exc}; the trial continues on --resume") from None
     n_finished = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
     complete = [
         t
