@@ -2,7 +2,7 @@
 
 Commands::
 
-    qlrlab run RUN.yaml          [--set k=v ...] [--out DIR] [--resume | --overwrite]
+    qlrlab run RUN.yaml          [--set k=v ...] [--out DIR] [--resume | --overwrite] [--threads N]
     qlrlab ablate ABLATION.yaml  [--set k=v ...] [--out DIR] [--resume | --overwrite] [--workers N]
                                  [--backend local|ray] [--address ADDR] [--dry-run]
     qlrlab tune TUNE.yaml        [--set k=v ...] [--out DIR] [--resume | --overwrite]

@@ -5,8 +5,9 @@ change, norms, ``time`` = training seconds excluding evaluation, ``wall_time`` i
 adds evaluation columns (``val_loss``, ``test_accuracy``, ...) on the rows where it evaluated. It
 stops at the first limit of its budget, or when a loss goes non-finite (status ``diverged``; the
 summary then holds the last finite metrics). Checkpoints (model, optimiser, data-order RNG,
-counters) are written every ``checkpoint_every`` steps and on SIGTERM; a re-run of an unfinished
-run continues from its checkpoint and reproduces the uninterrupted numbers.
+counters) are written every ``checkpoint_every`` steps and on SIGTERM or Ctrl-C (SIGINT); a re-run
+of an unfinished run continues from its checkpoint and reproduces the uninterrupted numbers (a
+run whose metrics file is missing or damaged starts again from step 0 instead).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ _STEP_FIELDS = tuple(
 
 
 class RunInterrupted(RuntimeError):
-    """The run was asked to stop (SIGTERM); a checkpoint was written when configured."""
+    """The run was asked to stop (SIGTERM, Ctrl-C); a checkpoint was written."""
 
 
 @dataclass
