@@ -3,6 +3,7 @@
 Layout of an output directory::
 
     OUT/
+      .lock                   # held (flock) by the one qlrlab process writing here
       index.json              # every planned run: labels + hash (rewritten atomically)
       runs/<hash>/spec.json   # resolved spec, seed, package versions, git revision
       runs/<hash>/metrics.parquet   # per-step metrics (tidy, one row per logged step)
