@@ -201,7 +201,7 @@ def test_sigkilled_coordinator_leaves_no_worker(tmp_path, when):
 
 @pytest.mark.slow
 def test_ctrl_c_on_run_writes_a_checkpoint_that_resume_continues(tmp_path):
-    steps, every = 20000, 3000
+    steps, every = 6000, 1000
     spec = _write(tmp_path / "run.yaml", {
         **BASE, "name": "long", "budget": {"steps": steps}, "checkpoint_every": every,
     })  # fmt: skip
@@ -256,6 +256,8 @@ def test_interrupted_ablation_stops_promptly_and_resumes_every_run_once(tmp_path
         assert {p.name for p in out.glob("runs/*")} == started  # no new run was taken
         _assert_all_gone(pids | seen, within=5)
     assert len(list(out.glob("runs/*/checkpoint.pt"))) >= 2
+    if how == "sigterm":
+        return  # the resume is the same as after Ctrl-C
     done = subprocess.run(
         [*_ablate_cmd(spec, out, "--workers", "2"), "--resume"],
         env=ENV, capture_output=True, text=True, timeout=300,
@@ -277,7 +279,7 @@ def test_second_invocation_on_a_busy_folder_is_refused(tmp_path):
             )  # fmt: skip
             assert other.returncode == 2, other.stderr
             assert "another qlrlab process" in other.stderr and "Traceback" not in other.stderr
-            assert str(os.getpid()) not in other.stderr or True
+            assert f"pid {proc.pid}" in other.stderr  # names the process at work
         assert proc.poll() is None  # the first one is unharmed
         assert list(out.glob("runs/*/checkpoint.pt"))
         proc.send_signal(signal.SIGTERM)
