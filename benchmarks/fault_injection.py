@@ -246,12 +246,18 @@ def concurrent(work: Path) -> dict:
         while not list(out.glob("runs/*/checkpoint.pt")) and proc.poll() is None:
             time.sleep(0.05)
         for flag in ("--resume", "--overwrite"):
-            other = subprocess.run([*ablate_cmd(spec, out), flag], env=ENV, capture_output=True,
-                                   text=True, timeout=300)  # fmt: skip
+            try:
+                other = subprocess.run([*ablate_cmd(spec, out), flag], env=ENV,
+                                       capture_output=True, text=True, timeout=90)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                res[f"second `ablate {flag}` while one runs: exit code"] = "none: ran for 90 s"
+                continue
             res[f"second `ablate {flag}` while one runs: exit code"] = other.returncode
             res[f"  ... names the lock holder, no traceback ({flag})"] = (
                 "another qlrlab process" in other.stderr and "Traceback" not in other.stderr
             )
+            if "Traceback" in other.stderr:
+                res[f"  ... error ({flag})"] = other.stderr.strip().splitlines()[-1][:120]
         res["first one unharmed"] = proc.poll() is None
     finally:
         kill_all({proc.pid, *descendants(proc.pid)})
