@@ -2,7 +2,7 @@
 
 Commands::
 
-    qlrlab run RUN.yaml          [--set k=v ...] [--out DIR] [--resume | --overwrite]
+    qlrlab run RUN.yaml          [--set k=v ...] [--out DIR] [--resume | --overwrite] [--threads N]
     qlrlab ablate ABLATION.yaml  [--set k=v ...] [--out DIR] [--resume | --overwrite] [--workers N]
                                  [--backend local|ray] [--address ADDR] [--dry-run]
     qlrlab tune TUNE.yaml        [--set k=v ...] [--out DIR] [--resume | --overwrite]
@@ -62,6 +62,16 @@ def _common(p: argparse.ArgumentParser, *, runs: bool = True) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``qlrlab``."""
     parser = argparse.ArgumentParser(
@@ -73,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train one run", description="Train one run from RUN.yaml.")
     _common(p)
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads for the run (default 1, fastest for small models)",
+    )
     p = sub.add_parser(
         "ablate",
         help="run an ablation (variants x tasks x grid x sweeps x seeds)",
@@ -269,14 +286,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     store = prepare_output(out, resume=args.resume, overwrite=args.overwrite, kind="run")
     labels = {"kind": "run", "task": spec.task["name"], "variant": spec.name, "seed": spec.seed}
     planned = [PlannedRun(labels=labels, spec=spec, hash=run_hash(spec))]
-    store.add_entries(
-        [{"hash": planned[0].hash, "labels": labels}],
-        replace=True,
-        kind="run",
-        name=spec.name,
-        spec=spec.model_dump(mode="json"),
-    )
-    result = execute_planned(planned, store, quiet=args.quiet, desc=spec.name)
+    try:
+        store.add_entries(
+            [{"hash": planned[0].hash, "labels": labels}],
+            replace=True,
+            kind="run",
+            name=spec.name,
+            spec=spec.model_dump(mode="json"),
+        )
+        result = execute_planned(
+            planned, store, quiet=args.quiet, desc=spec.name, threads_per_worker=args.threads
+        )
+    finally:
+        store.lock.release()
     code = _finish(result, out, args)
     shutdown()  # under torchrun: the workers leave the process group together
     return code
