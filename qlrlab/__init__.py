@@ -9,7 +9,9 @@ schedule from a validated spec, and train with it as one ``torch.optim.Optimizer
     info = opt.step((inputs, targets))
 """
 
-from qlrlab import curvature, damping, directions, presets, step_sizes
+# _lifeline first: an ablation worker ties its life to its coordinator before torch loads
+from qlrlab import _lifeline, curvature, damping, directions, presets, step_sizes  # noqa: F401
+from qlrlab.build import build_optimizer
 from qlrlab.interfaces import (
     BoundCurvature,
     CurvatureOracle,
@@ -21,7 +23,7 @@ from qlrlab.interfaces import (
     StepSizeRule,
 )
 from qlrlab.losses import HalfMSELoss
-from qlrlab.optimizer import ComposedOptimizer, StepInfo, build_optimizer
+from qlrlab.optimizer import ComposedOptimizer, StepInfo
 from qlrlab.registry import CURVATURES, DAMPINGS, DIRECTIONS, STEP_SIZES, ComponentSpec, Registry
 from qlrlab.specs import OptimizerSpec, optimizer_json_schema
 
