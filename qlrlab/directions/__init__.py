@@ -8,6 +8,7 @@ The step is :math:`\\theta \\leftarrow \\theta - \\alpha d`. Add a new provider 
 from qlrlab.directions.adam import AdamDirection, AdamSpec
 from qlrlab.directions.diag_ggn import DiagGGNDirection, DiagGGNSpec
 from qlrlab.directions.kfac import KFACDirection, KFACSpec
+from qlrlab.directions.lbfgs import LBFGSDirection, LBFGSSpec
 from qlrlab.directions.newton_cg import NewtonCGDirection, NewtonCGSpec
 from qlrlab.directions.sgd import SGDDirection, SGDSpec
 
@@ -18,6 +19,8 @@ __all__ = [
     "DiagGGNSpec",
     "KFACDirection",
     "KFACSpec",
+    "LBFGSDirection",
+    "LBFGSSpec",
     "NewtonCGDirection",
     "NewtonCGSpec",
     "SGDDirection",

@@ -1,0 +1,347 @@
+"""The L-BFGS direction against references (issue 18): dense BFGS, quadratic termination,
+``torch.optim.LBFGS``, same-batch pairs, rejected steps, state."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+import qlrlab
+from qlrlab.directions.lbfgs import LBFGSDirection, LBFGSSpec, two_loop
+from qlrlab.interfaces import DampingSchedule
+from qlrlab.losses import HalfMSELoss
+from qlrlab.step_sizes.fixed import FixedSpec, FixedStepSize
+
+F64 = torch.float64
+
+
+def dense_bfgs_inverse(s: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """:math:`H` from :math:`H_0 = \\gamma I` and the BFGS update for each pair, oldest first
+    (Nocedal & Wright eq. 6.17), as a dense matrix."""
+    n = s.shape[1]
+    eye = torch.eye(n, dtype=s.dtype)
+    h = gamma * eye
+    for si, yi in zip(s, y):
+        rho = 1.0 / (si @ yi)
+        v = eye - rho * torch.outer(yi, si)
+        h = v.T @ h @ v + rho * torch.outer(si, si)
+    return h
+
+
+def test_two_loop_equals_dense_bfgs_inverse_applied_to_g() -> None:
+    g = torch.Generator().manual_seed(3)
+    n, k = 7, 5
+    a = torch.randn(n, n, generator=g, dtype=F64)
+    hess = a @ a.T + n * torch.eye(n, dtype=F64)  # pairs of a convex quadratic: s^T y > 0
+    s = torch.randn(k, n, generator=g, dtype=F64)
+    y = s @ hess + 0.1 * torch.randn(k, n, generator=g, dtype=F64)
+    assert bool(((s * y).sum(1) > 0).all())
+    v = torch.randn(n, generator=g, dtype=F64)
+    gamma = float(s[-1] @ y[-1] / (y[-1] @ y[-1]))
+    expected = dense_bfgs_inverse(s, y, gamma) @ v
+    got = two_loop(v, s, y)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # H0 = I when scaling is off
+    torch.testing.assert_close(two_loop(v, s, y, 1.0), dense_bfgs_inverse(s, y, 1.0) @ v)
+    # without pairs: the gradient itself
+    assert torch.equal(two_loop(v, s[:0], y[:0]), v)
+
+
+# -- a convex quadratic in n unknowns: linear least squares ---------------------------------------
+def _least_squares(n: int, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, n, generator=g, dtype=F64)
+    x = x * torch.linspace(0.5, 2.0, n, dtype=F64)  # condition number ~ 16
+    target = torch.randn(40, 1, generator=g, dtype=F64)
+    model = nn.Linear(n, 1, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.copy_(3.0 * torch.randn(1, n, generator=g, dtype=F64))
+    theta_star = torch.linalg.lstsq(x, target).solution.reshape(1, n)
+    return model, x, target, theta_star
+
+
+@pytest.mark.parametrize("pairs", ["same_batch", "consecutive"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_exact_line_search_on_a_quadratic_terminates_in_n_plus_one_steps(
+    pairs: str, seed: int
+) -> None:
+    """Quadratic step size (the exact line minimiser on a quadratic), no damping, full batch,
+    history >= n: the minimiser to 1e-8 relative in <= n + 1 steps from any start."""
+    n = 8
+    model, x, target, theta_star = _least_squares(n, seed)
+    spec = {
+        "direction": {"name": "lbfgs", "history": n, "pairs": pairs},
+        "curvature": {"name": "ggn"},
+        "step_size": {"name": "quadratic"},
+        "damping": {"name": "constant", "value": 0.0},
+    }
+    opt = qlrlab.build_optimizer(spec, model, HalfMSELoss())
+    errors = []
+    for _ in range(n + 1):
+        info = opt.step((x, target))
+        assert info.status == "ok"
+        err = float(torch.linalg.vector_norm(model.weight.detach() - theta_star))
+        errors.append(err / float(torch.linalg.vector_norm(theta_star)))
+        if errors[-1] <= 1e-8:
+            break
+    assert errors[-1] <= 1e-8, errors
+    assert len(errors) <= n + 1
+
+
+def test_steepest_descent_control_does_not_terminate() -> None:
+    """The same problem with d = g (SGD direction) is not solved in n + 1 steps, so the test
+    above measures the quasi-Newton memory."""
+    n = 8
+    model, x, target, theta_star = _least_squares(n, 0)
+    spec = {
+        "direction": {"name": "sgd"},
+        "curvature": {"name": "ggn"},
+        "step_size": {"name": "quadratic"},
+        "damping": {"name": "constant", "value": 0.0},
+    }
+    opt = qlrlab.build_optimizer(spec, model, HalfMSELoss())
+    for _ in range(n + 1):
+        opt.step((x, target))
+    rel = torch.linalg.vector_norm(model.weight.detach() - theta_star) / torch.linalg.vector_norm(
+        theta_star
+    )
+    assert float(rel) > 1e-4
+
+
+# -- against torch.optim.LBFGS --------------------------------------------------------------------
+def _tanh_net() -> nn.Module:
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).to(F64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5)
+    return net
+
+
+def test_matches_torch_lbfgs_without_line_search_one_iteration_per_step() -> None:
+    """torch.optim.LBFGS(max_iter=1, line_search_fn=None) takes θ ← θ + t d with t = lr after
+    its first iteration and t = min(1, 1/‖g‖₁)·lr on the first; with ‖g₀‖₁ ≤ 1 the two define
+    the same iteration as ``lbfgs`` (consecutive full-batch pairs) + ``fixed`` lr."""
+    g = torch.Generator().manual_seed(1)
+    x = 0.3 * torch.randn(32, 3, generator=g, dtype=F64)
+    y = torch.randint(0, 2, (32,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    lr, history, steps = 0.5, 3, 12
+
+    start = _tanh_net()
+    grads0 = torch.autograd.grad(loss_fn(start(x), y), list(start.parameters()))
+    assert float(sum(t.abs().sum() for t in grads0)) <= 1.0  # the precondition above
+
+    for pairs in ("consecutive", "same_batch"):
+        model = copy.deepcopy(start)
+        ref = copy.deepcopy(start)
+        spec = {
+            "direction": {"name": "lbfgs", "history": history, "pairs": pairs},
+            "step_size": {"name": "fixed", "lr": lr},
+        }
+        opt = qlrlab.build_optimizer(spec, model, loss_fn)
+        topt = torch.optim.LBFGS(
+            ref.parameters(), lr=lr, max_iter=1, history_size=history, line_search_fn=None,
+            tolerance_grad=-1.0, tolerance_change=-1.0,
+        )  # fmt: skip
+
+        def closure(ref: nn.Module = ref, topt: torch.optim.Optimizer = topt) -> torch.Tensor:
+            topt.zero_grad()
+            loss = loss_fn(ref(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(steps):
+            topt.step(closure)
+            opt.step((x, y))
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        assert opt.direction.skipped == 0
+        assert opt.direction.s.shape[0] == history  # the memory was full and evicted
+
+
+def test_direction_through_the_optimizer_equals_dense_bfgs_of_the_observed_pairs() -> None:
+    """Record θ and g independently of the component; the fifth step's displacement must be
+    −lr·H g₅ with H the dense BFGS matrix of the four observed pairs."""
+    net = _tanh_net()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 3, generator=g, dtype=F64)
+    y = torch.randint(0, 2, (24,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    lr = 0.3
+    opt = qlrlab.build_optimizer(
+        {"direction": {"name": "lbfgs", "history": 10, "pairs": "consecutive"},
+         "step_size": {"name": "fixed", "lr": lr}},
+        net, loss_fn,
+    )  # fmt: skip
+
+    def flat_state() -> tuple[torch.Tensor, torch.Tensor]:
+        theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+        gr = torch.autograd.grad(loss_fn(net(x), y), list(net.parameters()))
+        return theta, torch.cat([t.reshape(-1) for t in gr])
+
+    thetas, grads = [], []
+    for _ in range(5):
+        th, gr = flat_state()
+        thetas.append(th)
+        grads.append(gr)
+        opt.step((x, y))
+    theta_new = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    s = torch.stack([thetas[i + 1] - thetas[i] for i in range(4)])
+    yy = torch.stack([grads[i + 1] - grads[i] for i in range(4)])
+    gamma = float(s[-1] @ yy[-1] / (yy[-1] @ yy[-1]))
+    expected = thetas[4] - lr * dense_bfgs_inverse(s, yy, gamma) @ grads[4]
+    torch.testing.assert_close(theta_new, expected, rtol=1e-10, atol=1e-12)
+
+
+# -- same-batch pairs --------------------------------------------------------------------------
+def _bn_net() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+
+
+def test_same_batch_pair_is_the_gradient_difference_on_the_new_batch_without_side_effects() -> None:
+    net = _bn_net()
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(16, 3, generator=g, dtype=F64), torch.randint(0, 2, (16,), generator=g))
+        for _ in range(2)
+    ]
+    opt = qlrlab.build_optimizer(
+        {"direction": {"name": "lbfgs", "pairs": "same_batch"},
+         "step_size": {"name": "fixed", "lr": 0.1}},
+        net, loss_fn,
+    )  # fmt: skip
+    theta0 = copy.deepcopy(net)
+    opt.step(batches[0])
+    theta1 = copy.deepcopy(net)
+    expected_buffers = copy.deepcopy(net)
+    expected_buffers(batches[1][0])  # one train-mode forward: what the gradient pass does
+    opt.step(batches[1])
+
+    def grad(m: nn.Module) -> torch.Tensor:
+        m = copy.deepcopy(m)
+        m[1].track_running_stats = False  # batch statistics, no buffer writes
+        gr = torch.autograd.grad(loss_fn(m(batches[1][0]), batches[1][1]), list(m.parameters()))
+        return torch.cat([t.reshape(-1) for t in gr])
+
+    flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731
+    d = opt.direction
+    assert d.s.shape[0] == 1
+    torch.testing.assert_close(d.s[0], flat(theta1) - flat(theta0), rtol=0, atol=0)
+    torch.testing.assert_close(d.y[0], grad(theta1) - grad(theta0), rtol=1e-12, atol=1e-14)
+    # buffers as after exactly one forward; .grad is the optimiser's own gradient at θ1
+    for b, e in zip(net.buffers(), expected_buffers.buffers()):
+        assert torch.equal(b, e)
+    g1 = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    torch.testing.assert_close(g1, grad(theta1), rtol=1e-12, atol=1e-14)
+
+
+# -- rejected steps --------------------------------------------------------------------------
+class RejectSteps(DampingSchedule):
+    """Rejects the listed steps (λ = 0)."""
+
+    may_reject = True
+
+    def __init__(self, reject: set[int]) -> None:
+        super().__init__()
+        self.reject = reject
+
+    @property
+    def value(self) -> float:
+        return 0.0
+
+    def update(self, *, rho: float | None, loss: float, new_loss: float | None, step: int) -> bool:
+        return step not in self.reject
+
+
+@pytest.mark.parametrize("pairs", ["same_batch", "consecutive"])
+def test_rejected_step_never_enters_the_memory(pairs: str) -> None:
+    net = _tanh_net()
+    g = torch.Generator().manual_seed(7)
+    batches = [
+        (torch.randn(16, 3, generator=g, dtype=F64), torch.randint(0, 2, (16,), generator=g))
+        for _ in range(6)
+    ]
+    direction = LBFGSDirection(LBFGSSpec(pairs=pairs))  # type: ignore[arg-type]
+    opt = qlrlab.ComposedOptimizer(
+        None, model=net, loss_fn=nn.CrossEntropyLoss(), direction=direction,
+        step_size=FixedStepSize(FixedSpec(lr=0.2)), damping=RejectSteps({3, 4}),
+    )  # fmt: skip
+    accepted = [torch.cat([p.detach().reshape(-1) for p in net.parameters()])]
+    before: dict[str, Any] = {}
+    for t, b in enumerate(batches, start=1):
+        if t == 3:
+            before = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                      for k, v in direction.state_dict().items()}  # fmt: skip
+        info = opt.step(b)
+        assert info.status == ("rejected" if t in (3, 4) else "ok")
+        theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+        if info.status == "ok":
+            accepted.append(theta)
+        else:
+            assert torch.equal(theta, accepted[-1])
+        if t == 4:  # two rejections in a row: state exactly as before step 3
+            after = direction.state_dict()
+            for k, v in before.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(after[k], v), k
+                else:
+                    assert after[k] == v, k
+    # every stored displacement is a difference of consecutive accepted iterates
+    diffs = [accepted[i + 1] - accepted[i] for i in range(len(accepted) - 1)]
+    for s in direction.s:
+        assert any(torch.equal(s, d) for d in diffs)
+    assert direction.s.shape[0] == len(diffs) - 1  # the newest step's pair forms next time
+
+
+def test_state_dict_round_trip_is_bit_identical() -> None:
+    g = torch.Generator().manual_seed(9)
+    batches = [
+        (torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)) for _ in range(8)
+    ]
+    spec = {"direction": {"name": "lbfgs", "history": 3}, "step_size": {"name": "fixed", "lr": 0.2}}
+    net = _tanh_net().float()
+    opt = qlrlab.build_optimizer(spec, net, nn.CrossEntropyLoss())
+    for b in batches[:4]:
+        opt.step(b)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    rest_a = [opt.step(b).as_dict() for b in batches[4:]]
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    net2 = _tanh_net().float()
+    net2.load_state_dict(ckpt["model"])
+    opt2 = qlrlab.build_optimizer(spec, net2, nn.CrossEntropyLoss())
+    opt2.load_state_dict(ckpt["opt"])
+    rest_b = [opt2.step(b).as_dict() for b in batches[4:]]
+    assert rest_a == rest_b
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_pair_skipping_rule() -> None:
+    d = LBFGSDirection(LBFGSSpec(eps=0.5))
+    d.setup([torch.zeros(2, dtype=F64)], nn.Linear(1, 1), nn.MSELoss())
+    s = torch.tensor([1.0, 0.0], dtype=F64)
+    d._add_pair(s, torch.tensor([1.0, 1.0], dtype=F64))  # cos = 0.707 > 0.5: kept
+    d._add_pair(s, torch.tensor([1.0, 2.0], dtype=F64))  # cos = 0.447 <= 0.5: skipped
+    d._add_pair(s, torch.tensor([-1.0, 0.0], dtype=F64))  # negative curvature: skipped
+    assert d.s.shape[0] == 1 and d.skipped == 2
+
+
+def test_spec_validation_and_mixed_dtypes() -> None:
+    with pytest.raises(ValidationError, match="history"):
+        LBFGSSpec(history=0)
+    with pytest.raises(ValidationError, match="pairs"):
+        LBFGSSpec(pairs="sometimes")  # type: ignore[arg-type]
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1).double())
+    with pytest.raises(ValueError, match="one dtype and device"):
+        qlrlab.build_optimizer({"direction": "lbfgs"}, net, nn.MSELoss())
