@@ -345,3 +345,138 @@ def test_spec_validation_and_mixed_dtypes() -> None:
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1).double())
     with pytest.raises(ValueError, match="one dtype and device"):
         qlrlab.build_optimizer({"direction": "lbfgs"}, net, nn.MSELoss())
+
+
+# -- FAdam ---------------------------------------------------------------------------------------
+def fadam_reference(
+    params: list[torch.Tensor],
+    grad_fn: Any,
+    steps: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    eps2: float | None,
+    c: float,
+    p: float,
+    weight_decay: float,
+) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Hwang (2024), Algorithm 1, written out element by element for each tensor."""
+    theta = [t.detach().clone() for t in params]
+    m = [torch.zeros_like(t) for t in theta]
+    fim = [torch.zeros_like(t) for t in theta]
+    events = {"clip_nat": 0, "clip_wd": 0, "adaptive_eps": 0}
+    for t in range(1, steps + 1):
+        grads = grad_fn(theta)
+        b2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
+        new_theta = []
+        for i, g in enumerate(grads):
+            fim[i] = b2 * fim[i] + (1 - b2) * g * g
+            rms_g = float(torch.sqrt(torch.mean(g * g)))
+            e = eps if eps2 is None else min(eps, eps2 * rms_g)
+            if eps2 is not None and eps2 * rms_g < eps:
+                events["adaptive_eps"] += 1
+            base = fim[i] ** p + e ** (2 * p)
+            gbar = g / base
+            rms = float(torch.sqrt(torch.mean(gbar * gbar)))
+            if rms / c > 1:
+                events["clip_nat"] += 1
+            gbar = gbar / max(1.0, rms / c)
+            m[i] = beta1 * m[i] + (1 - beta1) * gbar
+            gw = theta[i] / base
+            rms_w = float(torch.sqrt(torch.mean(gw * gw)))
+            if rms_w / c > 1:
+                events["clip_wd"] += 1
+            gw = gw / max(1.0, rms_w / c)
+            new_theta.append(theta[i] - lr * (m[i] + weight_decay * gw))
+        theta = new_theta
+    return theta, events
+
+
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {"eps": 1e-8, "eps2": 0.01, "c": 1.0, "p": 0.5, "weight_decay": 0.0},
+        {"eps": 1e-2, "eps2": 0.01, "c": 0.5, "p": 0.5, "weight_decay": 0.1},
+        {"eps": 1e-3, "eps2": None, "c": 2.0, "p": 0.4, "weight_decay": 0.01},
+    ],
+)
+def test_fadam_matches_a_hand_written_reference_over_25_steps(hp: dict[str, Any]) -> None:
+    net = _tanh_net()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(20, 3, generator=g, dtype=F64)
+    y = torch.randint(0, 2, (20,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    names = [n for n, _ in net.named_parameters()]
+    lr, steps = 0.05, 25
+
+    def grad_fn(theta: list[torch.Tensor]) -> list[torch.Tensor]:
+        th = [t.clone().requires_grad_(True) for t in theta]
+        out = torch.func.functional_call(net, dict(zip(names, th)), (x,))
+        return list(torch.autograd.grad(loss_fn(out, y), th))
+
+    expected, events = fadam_reference(
+        list(net.parameters()), grad_fn, steps, lr=lr, beta1=0.9, beta2=0.999, **hp
+    )
+    spec = {
+        "direction": {"name": "fadam", "beta1": 0.9, "beta2": 0.999, **hp},
+        "step_size": {"name": "fixed", "lr": lr},
+    }
+    opt = qlrlab.build_optimizer(spec, net, loss_fn)
+    for _ in range(steps):
+        assert opt.step((x, y)).status == "ok"
+    for p_, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p_.detach(), e, rtol=1e-12, atol=1e-14)
+    if hp["c"] == 0.5:  # the second case exercises clipping and the adaptive epsilon
+        assert events["clip_nat"] > 0 and events["clip_wd"] > 0 and events["adaptive_eps"] > 0
+
+
+def test_fadam_second_moment_is_adams_bias_corrected_one() -> None:
+    """With F0 = 0 the debiased EMA equals Adam's v_t / (1 - β2^t)."""
+    net = _tanh_net()
+    g = torch.Generator().manual_seed(12)
+    batches = [
+        (torch.randn(8, 3, generator=g, dtype=F64), torch.randint(0, 2, (8,), generator=g))
+        for _ in range(6)
+    ]
+    fad = qlrlab.build_optimizer({"direction": "fadam"}, copy.deepcopy(net), nn.CrossEntropyLoss())
+    adam_net = copy.deepcopy(net)
+    adam = torch.optim.Adam(adam_net.parameters(), lr=0.0)  # lr 0: same gradients every step
+    fad.param_groups[0]["lr"] = 0.0
+    for t, (xb, yb) in enumerate(batches, start=1):
+        fad.step((xb, yb))
+        adam.zero_grad()
+        nn.CrossEntropyLoss()(adam_net(xb), yb).backward()
+        adam.step()
+        for f, p_ in zip(fad.direction.fim, adam_net.parameters()):
+            v = adam.state[p_]["exp_avg_sq"]
+            torch.testing.assert_close(f, v / (1 - 0.999**t), rtol=1e-12, atol=1e-18)
+
+
+def test_fadam_state_round_trip_is_bit_identical() -> None:
+    g = torch.Generator().manual_seed(13)
+    batches = [
+        (torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)) for _ in range(8)
+    ]
+    spec = {"direction": {"name": "fadam", "weight_decay": 0.01}, "step_size": {"name": "fixed"}}
+    net = _tanh_net().float()
+    opt = qlrlab.build_optimizer(spec, net, nn.CrossEntropyLoss())
+    for b in batches[:4]:
+        opt.step(b)
+    sd = copy.deepcopy(opt.state_dict())
+    model_sd = copy.deepcopy(net.state_dict())
+    rest_a = [opt.step(b).as_dict() for b in batches[4:]]
+    net2 = _tanh_net().float()
+    net2.load_state_dict(model_sd)
+    opt2 = qlrlab.build_optimizer(spec, net2, nn.CrossEntropyLoss())
+    opt2.load_state_dict(sd)
+    assert rest_a == [opt2.step(b).as_dict() for b in batches[4:]]
+
+
+def test_fadam_spec_names_and_bounds() -> None:
+    s = qlrlab.DIRECTIONS.validate({"name": "fadam"})
+    assert {"beta1", "beta2", "eps", "eps2", "c", "p", "weight_decay"} <= set(s.model_dump())
+    for bad in ({"c": 0.0}, {"p": 0.0}, {"beta2": 1.0}, {"weight_decay": -1.0}):
+        with pytest.raises(ValidationError):
+            qlrlab.DIRECTIONS.validate({"name": "fadam", **bad})

@@ -7,6 +7,7 @@ The step is :math:`\\theta \\leftarrow \\theta - \\alpha d`. Add a new provider 
 
 from qlrlab.directions.adam import AdamDirection, AdamSpec
 from qlrlab.directions.diag_ggn import DiagGGNDirection, DiagGGNSpec
+from qlrlab.directions.fadam import FAdamDirection, FAdamSpec
 from qlrlab.directions.kfac import KFACDirection, KFACSpec
 from qlrlab.directions.lbfgs import LBFGSDirection, LBFGSSpec
 from qlrlab.directions.newton_cg import NewtonCGDirection, NewtonCGSpec
@@ -17,6 +18,8 @@ __all__ = [
     "AdamSpec",
     "DiagGGNDirection",
     "DiagGGNSpec",
+    "FAdamDirection",
+    "FAdamSpec",
     "KFACDirection",
     "KFACSpec",
     "LBFGSDirection",
