@@ -480,3 +480,192 @@ def test_fadam_spec_names_and_bounds() -> None:
     for bad in ({"c": 0.0}, {"p": 0.0}, {"beta2": 1.0}, {"weight_decay": -1.0}):
         with pytest.raises(ValidationError):
             qlrlab.DIRECTIONS.validate({"name": "fadam", **bad})
+
+
+# -- AdaFisher -----------------------------------------------------------------------------------
+def _patches_by_loops(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Rows [N·T, C_in·kh·kw] of a conv input, built by slicing (c, i, j) row-major."""
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    n, _, hh, ww = xp.shape
+    rows = []
+    for b in range(n):
+        for i in range(0, hh - kh + 1, sh):
+            for j in range(0, ww - kw + 1, sw):
+                rows.append(xp[b, :, i : i + kh, j : j + kw].reshape(-1))
+    return torch.stack(rows)
+
+
+def adafisher_reference_diagonals(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer name: (H_D with the bias entry, S_D)} from retained layer outputs."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+    m_ = copy.deepcopy(model)  # keep the model's buffers as they are
+    for m in m_.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False  # the layer output's own gradient, not that of its ReLU
+    handles = []
+    for n, m in m_.named_modules():
+        if n in layers:
+
+            def hook(mod: nn.Module, a: Any, o: torch.Tensor, n: str = n) -> None:
+                ins[n] = a[0].detach()
+                o.retain_grad()
+                outs[n] = o
+
+            handles.append(m.register_forward_hook(hook))
+    loss_fn(m_(x), y).backward()
+    for h in handles:
+        h.remove()
+    res = {}
+    for n, m in layers.items():
+        if isinstance(m, nn.Conv2d):
+            rows = _patches_by_loops(ins[n], m)
+            s = outs[n].grad.permute(0, 2, 3, 1).reshape(-1, m.out_channels)
+        else:
+            rows = ins[n].reshape(-1, m.in_features)
+            s = outs[n].grad.reshape(-1, m.out_features)
+        if m.bias is not None:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+        res[n] = ((rows**2).mean(0), (s**2).mean(0))
+    return res
+
+
+def _mm(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.min()) / (v.max() - v.min() + 1e-6)
+
+
+def adafisher_dense_reference(
+    model: nn.Module, loss_fn: nn.Module, batches: list[Any], *, lr: float, beta: float,
+    gamma: float, damping: float, normalize: str,
+) -> list[torch.Tensor]:  # fmt: skip
+    """θ after each AdaFisher step, with F̃ assembled as a dense diagonal matrix over all
+    parameters (identity for parameters of other layers) and d = solve(F̃, m̂)."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    m_t = [torch.zeros_like(p) for p in params]
+    ema: dict[str, list[torch.Tensor]] = {}
+    out = []
+    for t, (x, y) in enumerate(batches, start=1):
+        diags = adafisher_reference_diagonals(model, loss_fn, x, y)
+        grads = torch.autograd.grad(loss_fn(model(x), y), params)
+        for n, (h, s) in diags.items():
+            if normalize == "before_ema":
+                h, s = _mm(h), _mm(s)
+            if n not in ema:
+                ema[n] = [h, s]
+            else:
+                ema[n] = [gamma * ema[n][0] + (1 - gamma) * h, gamma * ema[n][1] + (1 - gamma) * s]
+        fdiag = []
+        for pn, p in zip(names, params):
+            lname, kind = pn.rsplit(".", 1)
+            if lname in layers:
+                h, s = ema[lname]
+                if normalize == "after_ema":
+                    h, s = _mm(h), _mm(s)
+                full = torch.outer(s, h) + damping  # [out, in' (+1)]
+                block = (
+                    full[:, :-1] if kind == "weight" and layers[lname].bias is not None else full
+                )
+                block = full[:, -1] if kind == "bias" else block
+                fdiag.append(block.reshape(-1))
+            else:
+                fdiag.append(torch.ones(p.numel(), dtype=p.dtype))
+        m_t = [beta * m + (1 - beta) * g for m, g in zip(m_t, grads)]
+        mhat = torch.cat([m.reshape(-1) for m in m_t]) / (1 - beta**t)
+        dense = torch.diag(torch.cat(fdiag))
+        d = torch.linalg.solve(dense, mhat)
+        with torch.no_grad():
+            off = 0
+            for p in params:
+                p.sub_(lr * d[off : off + p.numel()].view_as(p))
+                off += p.numel()
+        out.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    return out
+
+
+def _tiny_mlp() -> nn.Module:
+    torch.manual_seed(21)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3, bias=False), nn.ReLU(),
+        nn.Linear(3, 3),
+    ).to(F64)  # fmt: skip
+
+
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(22)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 2, stride=2),
+        nn.Flatten(), nn.Linear(2 * 2 * 2, 3),
+    ).to(F64)  # fmt: skip
+
+
+@pytest.mark.parametrize("normalize", ["after_ema", "before_ema"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_adafisher_matches_a_dense_float64_reference(arch: str, normalize: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    shape = (8, 4) if arch == "mlp" else (8, 2, 4, 4)
+    batches = [
+        (torch.randn(*shape, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(6)
+    ]
+    model = _tiny_mlp() if arch == "mlp" else _tiny_cnn()
+    loss_fn = nn.CrossEntropyLoss()
+    hp = {"beta": 0.9, "gamma": 0.7, "damping": 1e-2}
+    expected = adafisher_dense_reference(
+        model, loss_fn, batches, lr=0.01, normalize=normalize, **hp
+    )
+    spec = {
+        "direction": {"name": "adafisher", "normalize": normalize, **hp},
+        "step_size": {"name": "fixed", "lr": 0.01},
+    }
+    opt = qlrlab.build_optimizer(spec, model, loss_fn)
+    if arch == "mlp":
+        assert len(opt.direction.layers) == 3 and len(opt.direction.fallback) == 2  # LayerNorm
+    else:
+        assert len(opt.direction.layers) == 3 and not opt.direction.fallback
+    for b, e in zip(batches, expected):
+        assert opt.step(b).status == "ok"
+        got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(got, e, rtol=1e-11, atol=1e-13)
+
+
+def test_adafisher_factor_period_and_state_round_trip() -> None:
+    g = torch.Generator().manual_seed(6)
+    batches = [
+        (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(8)
+    ]
+    spec = {
+        "direction": {"name": "adafisher", "factor_period": 3, "fallback": "adam"},
+        "step_size": {"name": "fixed", "lr": 0.01},
+    }
+    model = _tiny_mlp().float()
+    opt = qlrlab.build_optimizer(spec, model, nn.CrossEntropyLoss())
+    seen = []
+    for b in batches[:4]:
+        opt.step(b)
+        seen.append(opt.direction.H[0].clone())
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])  # steps 2, 3 reuse
+    assert not torch.equal(seen[2], seen[3])  # step 4 refreshes
+    sd = copy.deepcopy(opt.state_dict())
+    msd = copy.deepcopy(model.state_dict())
+    rest_a = [opt.step(b).as_dict() for b in batches[4:]]
+    model2 = _tiny_mlp().float()
+    model2.load_state_dict(msd)
+    opt2 = qlrlab.build_optimizer(spec, model2, nn.CrossEntropyLoss())
+    opt2.load_state_dict(sd)
+    assert rest_a == [opt2.step(b).as_dict() for b in batches[4:]]
+
+
+def test_adafisher_fallback_error_names_the_parameter() -> None:
+    with pytest.raises(ValueError, match=r"'1.weight'.*LayerNorm.*fallback: identity"):
+        qlrlab.build_optimizer(
+            {"direction": {"name": "adafisher", "fallback": "error"}},
+            _tiny_mlp(),
+            nn.CrossEntropyLoss(),
+        )
