@@ -669,3 +669,28 @@ def test_adafisher_fallback_error_names_the_parameter() -> None:
             _tiny_mlp(),
             nn.CrossEntropyLoss(),
         )
+
+
+# -- presets -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["lbfgs", "fadam", "adafisher"])
+def test_qlr_presets_are_adamqlr_with_the_direction_swapped(name: str) -> None:
+    from qlrlab.presets import get_preset
+
+    alone, qlr = get_preset(name), get_preset(f"{name}_qlr")
+    reference = get_preset("adamqlr").model_dump()
+    got = qlr.model_dump()
+    assert got["direction"]["name"] == name == alone.direction.name
+    assert got["direction"] == alone.model_dump()["direction"]
+    for family in ("curvature", "step_size", "damping"):
+        assert got[family] == reference[family], family
+    own_rule = {"lbfgs": "backtracking", "fadam": "fixed", "adafisher": "fixed"}[name]
+    assert alone.step_size.name == own_rule and alone.curvature is None
+
+
+def test_new_presets_are_listed_by_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from qlrlab.cli import main
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lbfgs", "lbfgs_qlr", "fadam", "fadam_qlr", "adafisher", "adafisher_qlr"):
+        assert any(line.split()[:1] == [name] for line in out.splitlines()), name
