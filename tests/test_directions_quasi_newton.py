@@ -694,3 +694,22 @@ def test_new_presets_are_listed_by_the_cli(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     for name in ("lbfgs", "lbfgs_qlr", "fadam", "fadam_qlr", "adafisher", "adafisher_qlr"):
         assert any(line.split()[:1] == [name] for line in out.splitlines()), name
+
+
+def test_adafisher_diagonals_are_the_kfac_back_ends_factor_diagonals() -> None:
+    from qlrlab.backends.kfac_hooks import input_factor, output_factor
+    from qlrlab.directions.adafisher import input_diagonal, output_diagonal
+
+    g = torch.Generator().manual_seed(8)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1).to(F64)
+    lin = nn.Linear(5, 2).to(F64)
+    xs_conv = [torch.randn(6, 3, 7, 7, generator=g, dtype=F64) for _ in range(2)]  # two calls
+    xs_lin = [torch.randn(6, 4, 5, generator=g, dtype=F64)]  # a sequence dimension
+    for mod, xs in ((conv, xs_conv), (lin, xs_lin)):
+        outs = [mod(x) for x in xs]
+        grads = [torch.randn(o.shape, generator=g, dtype=F64) for o in outs]
+        rows = sum(gr.numel() // gr.shape[1 if isinstance(mod, nn.Conv2d) else -1] for gr in grads)
+        full_a = input_factor(mod, xs, approx="expand", joint_bias=True)
+        full_g = output_factor(mod, [gr.unsqueeze(0) for gr in grads], scale=1.0 / rows)
+        torch.testing.assert_close(input_diagonal(mod, xs, joint_bias=True), full_a.diagonal())
+        torch.testing.assert_close(output_diagonal(mod, grads), full_g.diagonal())

@@ -14,6 +14,7 @@ rows/locations — the *empirical* Fisher: the true labels, not sampled ones):
 then, per layer (symbols as in the paper),
 
 .. math::
+    \begin{aligned}
     \tilde H_D &\leftarrow \gamma \tilde H_D + (1-\gamma) H_D,\qquad
     \tilde S_D \leftarrow \gamma \tilde S_D + (1-\gamma) S_D
         &&\text{(EMA; } \tilde H_D = H_D \text{ at the first update)}\\
@@ -23,6 +24,7 @@ then, per layer (symbols as in the paper),
     m_t &= \beta m_{t-1} + (1-\beta) g_t,\qquad \hat m_t = m_t / (1-\beta^t)\\
     d_t &= \tilde F_D^{-1} \hat m_t\ [+\ \kappa\,\theta]
         &&(\theta \leftarrow \theta - \eta d_t)
+    \end{aligned}
 
 with :math:`\operatorname{MinMax}(x) = (x - \min x)/(\max x - \min x + 10^{-6})` and
 :math:`\tilde F_D^{-1}` element-wise (the approximation is diagonal, so there is nothing to
@@ -34,15 +36,16 @@ writes it after); ``factor_period`` recomputes the statistics every that many st
 authors' ``TCov``; between refreshes the last :math:`\tilde F_D` is reused and the gradient pass
 runs without hooks).
 
-**Shared machinery.** Which parameters get factors (and the reason for every other one), the
-row layout of Linear inputs, conv patches (unfold order = the weight's column order), the bias
-column and the output-gradient rows are those of the K-FAC hook back-end
-(:mod:`qlrlab.backends.kfac_hooks`: :func:`~qlrlab.backends.kfac_hooks.assign_parameters`,
-:func:`~qlrlab.backends.kfac_hooks.input_factor`, :func:`~qlrlab.backends.kfac_hooks.output_factor`
-with KFAC-expand rows and the joint ``[W b]`` bias); the diagonals are those factors' diagonals.
-This component only records the layer inputs and the output gradients of the optimiser's own
-backward (forward hooks and tensor hooks, installed for the gradient pass only; in-place
-activations are made out-of-place meanwhile).
+**Shared machinery.** Which parameters get factors (and the reason for every other one) is
+decided by the K-FAC hook back-end's :func:`~qlrlab.backends.kfac_hooks.assign_parameters` (with
+the joint ``[W b]`` bias); the rows whose squares are averaged are that back-end's own input rows
+(Linear inputs over all leading dimensions, conv patches unfolded in the weight's column order:
+KFAC-expand), so :math:`H_D` and :math:`S_D` are exactly the diagonals of
+:func:`~qlrlab.backends.kfac_hooks.input_factor` and of the output factor of the true-label
+gradients, computed in :math:`O(rd)` instead of forming the :math:`d\times d` factors. This
+component only records the layer inputs and the output gradients of the optimiser's own backward
+(forward hooks and tensor hooks, installed for the gradient pass only; in-place activations are
+made out-of-place meanwhile): no extra pass.
 
 **Other layers** follow ``fallback``, with K-FAC's names: ``identity`` (:math:`\tilde F = 1`:
 the bias-corrected momentum itself, what the authors' code does for parameters it has no factor
@@ -70,7 +73,7 @@ from torch import Tensor, nn
 from qlrlab.interfaces import DirectionProvider, StepContext
 from qlrlab.registry import DIRECTIONS, ComponentSpec
 
-__all__ = ["AdaFisherDirection", "AdaFisherSpec", "min_max"]
+__all__ = ["AdaFisherDirection", "AdaFisherSpec", "input_diagonal", "min_max", "output_diagonal"]
 
 
 @DIRECTIONS.register("adafisher")
@@ -111,6 +114,43 @@ def min_max(x: Tensor, eps: float = 1e-6) -> Tensor:
     """:math:`(x - \\min x)/(\\max x - \\min x + \\epsilon)` (AdaFisher's normalisation)."""
     lo = x.min()
     return (x - lo) / (x.max() - lo + eps)
+
+
+def input_diagonal(module: nn.Module, inputs: Sequence[Tensor], *, joint_bias: bool) -> Tensor:
+    r"""The diagonal of K-FAC's (KFAC-expand) input factor :math:`A` of one layer,
+    :math:`\operatorname{mean}_r \bar h_r^2`, from the inputs of its calls — the rows of
+    :func:`qlrlab.backends.kfac_hooks.input_factor` (Linear rows, conv patches in the weight's
+    column order), squared and averaged instead of multiplied out (:math:`O(rd)`, not
+    :math:`O(rd^2)`); ``joint_bias`` appends the bias entry 1."""
+    from qlrlab.backends.kfac_hooks import _linear_rows, _patches  # the factor's own rows
+
+    rows = [
+        (_patches(module, x) if isinstance(module, nn.Conv2d) else _linear_rows(x, None))
+        for x in inputs
+    ]
+    flat = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
+    diag = flat.square().mean(0)
+    return torch.cat([diag, diag.new_ones(1)]) if joint_bias else diag
+
+
+def output_diagonal(module: nn.Module, grads: Sequence[Tensor]) -> Tensor:
+    r"""The diagonal of the (KFAC-expand) output factor of one layer from the gradients at its
+    output, :math:`\operatorname{mean}_r s_r^2` over every row (Linear: all leading
+    dimensions; Conv2d: examples and output locations) of every call."""
+    total: Tensor | None = None
+    count = 0
+    for g in grads:
+        if isinstance(module, nn.Conv2d):
+            g = g if g.ndim == 4 else g.unsqueeze(0)
+            sq = g.square().sum((0, 2, 3))
+            count += g.shape[0] * g.shape[2] * g.shape[3]
+        else:
+            flat = g.reshape(-1, g.shape[-1])
+            sq = flat.square().sum(0)
+            count += flat.shape[0]
+        total = sq if total is None else total + sq
+    assert total is not None
+    return total / count
 
 
 class _Record:
@@ -212,23 +252,15 @@ class AdaFisherDirection(DirectionProvider):
         self._records = records
 
     def _fresh_diagonals(self, ctx: StepContext) -> dict[int, tuple[Tensor, Tensor]]:
-        from qlrlab.backends.kfac_hooks import input_factor, output_factor
-
         assert self._records is not None
         out: dict[int, tuple[Tensor, Tensor]] = {}
         for li, lay in enumerate(self.layers):
             rec = self._records[id(lay.module)]
             if not rec.inputs or not rec.grads:
                 continue
-            a = input_factor(lay.module, rec.inputs, approx="expand", joint_bias=lay.joint)
-            n_out = lay.module.weight.shape[0]
-            rows = sum(g.numel() // n_out for g in rec.grads)  # (locations of) all calls
-            grads = [g.unsqueeze(0) for g in rec.grads]
-            g_fac = output_factor(lay.module, grads, approx="expand", scale=1.0 / rows)
-            out[li] = (
-                ctx.all_reduce(a.diagonal().clone()),
-                ctx.all_reduce(g_fac.diagonal().clone()),
-            )
+            h = input_diagonal(lay.module, rec.inputs, joint_bias=lay.joint)
+            s = output_diagonal(lay.module, rec.grads)
+            out[li] = (ctx.all_reduce(h), ctx.all_reduce(s))
         self._records = None
         return out
 

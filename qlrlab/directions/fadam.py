@@ -4,6 +4,7 @@ Per parameter tensor, at step :math:`t` with gradient :math:`g_t` and parameters
 :math:`\theta_{t-1}` (symbols as in the paper's Algorithm 1):
 
 .. math::
+    \begin{aligned}
     \hat\beta_2 &= \beta_2\,\frac{1-\beta_2^{t-1}}{1-\beta_2^{t}}
         &&\text{(bias correction folded into the EMA weight)}\\
     F_t &= \hat\beta_2 F_{t-1} + (1-\hat\beta_2)\, g_t^2
@@ -21,6 +22,7 @@ Per parameter tensor, at step :math:`t` with gradient :math:`g_t` and parameters
         &&\text{(weight decay as a natural gradient)}\\
     d_t &= m_t + \lambda\,\bar g_{w}
         &&(\theta_t = \theta_{t-1} - \eta\, d_t)
+    \end{aligned}
 
 :math:`\operatorname{RMS}(x) = \sqrt{\operatorname{mean}(x^2)}` over one parameter tensor. With
 :math:`F_0 = 0` the debiased EMA equals Adam's bias-corrected second moment,
