@@ -713,3 +713,24 @@ def test_adafisher_diagonals_are_the_kfac_back_ends_factor_diagonals() -> None:
         full_g = output_factor(mod, [gr.unsqueeze(0) for gr in grads], scale=1.0 / rows)
         torch.testing.assert_close(input_diagonal(mod, xs, joint_bias=True), full_a.diagonal())
         torch.testing.assert_close(output_diagonal(mod, grads), full_g.diagonal())
+
+
+@pytest.mark.parametrize("name", ["lbfgs", "fadam", "adafisher"])
+def test_float32_state_loads_into_a_float64_copy(name: str) -> None:
+    g = torch.Generator().manual_seed(14)
+    batches = [
+        (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)
+    ]
+    spec = {"direction": name, "step_size": {"name": "fixed", "lr": 0.01}}
+    model = _tiny_mlp().float()
+    opt = qlrlab.build_optimizer(spec, model, nn.CrossEntropyLoss())
+    for b in batches[:3]:
+        opt.step(b)
+    model64 = copy.deepcopy(model).double()
+    opt64 = qlrlab.build_optimizer(spec, model64, nn.CrossEntropyLoss())
+    opt64.load_state_dict(opt.state_dict())
+    x, y = batches[3]
+    assert opt64.step((x.double(), y)).status == "ok"
+    for t in opt64.direction.state_dict().values():
+        for u in t if isinstance(t, list) else [t]:
+            assert not isinstance(u, torch.Tensor) or u.dtype == F64

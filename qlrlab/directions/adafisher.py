@@ -333,10 +333,11 @@ class AdaFisherDirection(DirectionProvider):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore (copies of) the saved state."""
+        """Restore (copies of) the saved state, in the parameters' dtype and on their device."""
+        like = self.momentum[0] if self.momentum else torch.zeros(())
 
         def copy(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().clone()
+            return None if t is None else t.detach().to(like.device, like.dtype, copy=True)
 
         self.step = int(state["step"])
         for dst, src in zip(self.momentum, state["momentum"]):

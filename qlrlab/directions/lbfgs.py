@@ -149,6 +149,7 @@ class LBFGSDirection(DirectionProvider):
         self.prev_grad: Tensor | None = None
         self._shapes: list[torch.Size] = []
         self._numels: list[int] = []
+        self._like: Tensor = torch.zeros(())
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
         """Check that the parameters share one dtype and device; allocate empty memory."""
@@ -162,7 +163,8 @@ class LBFGSDirection(DirectionProvider):
         self._shapes = [p.shape for p in params]
         self._numels = [p.numel() for p in params]
         n = sum(self._numels)
-        ref = params[0] if params else torch.zeros(())
+        ref = params[0].detach() if params else torch.zeros(())
+        self._like = ref.new_zeros(())
         self.s = ref.new_zeros(0, n)
         self.y = ref.new_zeros(0, n)
         self.prev_params = None
@@ -234,14 +236,16 @@ class LBFGSDirection(DirectionProvider):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore (copies of) the saved pairs and previous point."""
+        """Restore (copies of) the saved pairs and previous point, in the parameters' dtype and
+        on their device."""
+        like = self._like
 
         def copy(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().clone()
+            return None if t is None else t.detach().to(like.device, like.dtype, copy=True)
 
         self.step = int(state["step"])
         self.skipped = int(state["skipped"])
-        self.s = state["s"].detach().clone()
-        self.y = state["y"].detach().clone()
+        self.s = state["s"].detach().to(like.device, like.dtype, copy=True)
+        self.y = state["y"].detach().to(like.device, like.dtype, copy=True)
         self.prev_params = copy(state["prev_params"])
         self.prev_grad = copy(state["prev_grad"])
