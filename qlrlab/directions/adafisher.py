@@ -37,11 +37,11 @@ authors' ``TCov``; between refreshes the last :math:`\tilde F_D` is reused and t
 runs without hooks).
 
 **Shared machinery.** Which parameters get factors (and the reason for every other one) is
-decided by the K-FAC hook back-end's :func:`~qlrlab.backends.kfac_hooks.assign_parameters` (with
+decided by the K-FAC hook back-end's ``qlrlab.backends.kfac_hooks.assign_parameters`` (with
 the joint ``[W b]`` bias); the rows whose squares are averaged are that back-end's own input rows
 (Linear inputs over all leading dimensions, conv patches unfolded in the weight's column order:
 KFAC-expand), so :math:`H_D` and :math:`S_D` are exactly the diagonals of
-:func:`~qlrlab.backends.kfac_hooks.input_factor` and of the output factor of the true-label
+``qlrlab.backends.kfac_hooks.input_factor`` and of the output factor of the true-label
 gradients, computed in :math:`O(rd)` instead of forming the :math:`d\times d` factors. This
 component only records the layer inputs and the output gradients of the optimiser's own backward
 (forward hooks and tensor hooks, installed for the gradient pass only; in-place activations are
@@ -119,7 +119,7 @@ def min_max(x: Tensor, eps: float = 1e-6) -> Tensor:
 def input_diagonal(module: nn.Module, inputs: Sequence[Tensor], *, joint_bias: bool) -> Tensor:
     r"""The diagonal of K-FAC's (KFAC-expand) input factor :math:`A` of one layer,
     :math:`\operatorname{mean}_r \bar h_r^2`, from the inputs of its calls — the rows of
-    :func:`qlrlab.backends.kfac_hooks.input_factor` (Linear rows, conv patches in the weight's
+    ``qlrlab.backends.kfac_hooks.input_factor`` (Linear rows, conv patches in the weight's
     column order), squared and averaged instead of multiplied out (:math:`O(rd)`, not
     :math:`O(rd^2)`); ``joint_bias`` appends the bias entry 1."""
     from qlrlab.backends.kfac_hooks import _linear_rows, _patches  # the factor's own rows
