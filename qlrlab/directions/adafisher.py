@@ -128,8 +128,9 @@ def input_diagonal(module: nn.Module, inputs: Sequence[Tensor], *, joint_bias: b
         (_patches(module, x) if isinstance(module, nn.Conv2d) else _linear_rows(x, None))
         for x in inputs
     ]
-    flat = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
-    diag = flat.square().mean(0)
+    flat = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]) if len(rows) > 1 else rows[0]
+    flat = flat.reshape(-1, flat.shape[-1])
+    diag = torch.linalg.vector_norm(flat, dim=0).square_().div_(flat.shape[0])  # no r×d temporary
     return torch.cat([diag, diag.new_ones(1)]) if joint_bias else diag
 
 
@@ -142,11 +143,11 @@ def output_diagonal(module: nn.Module, grads: Sequence[Tensor]) -> Tensor:
     for g in grads:
         if isinstance(module, nn.Conv2d):
             g = g if g.ndim == 4 else g.unsqueeze(0)
-            sq = g.square().sum((0, 2, 3))
+            sq = torch.linalg.vector_norm(g, dim=(0, 2, 3)).square_()
             count += g.shape[0] * g.shape[2] * g.shape[3]
         else:
             flat = g.reshape(-1, g.shape[-1])
-            sq = flat.square().sum(0)
+            sq = torch.linalg.vector_norm(flat, dim=0).square_()
             count += flat.shape[0]
         total = sq if total is None else total + sq
     assert total is not None
