@@ -34,7 +34,10 @@ AdaFisherW), off by default. ``normalize: before_ema`` applies the Min-Max norma
 fresh :math:`H_D, S_D` before the EMA instead (the order in the authors' released code; the paper
 writes it after); ``factor_period`` recomputes the statistics every that many steps (the
 authors' ``TCov``; between refreshes the last :math:`\tilde F_D` is reused and the gradient pass
-runs without hooks).
+runs without hooks). Not reproduced: the released code's moving average weights the old and the
+new diagonal by :math:`0.1\gamma` and :math:`0.01\gamma` (not :math:`\gamma` and
+:math:`1-\gamma`), which keeps the normalised diagonals below about 0.009, so that its
+:math:`\tilde F_D` is close to :math:`\lambda` everywhere; qlrlab follows the paper's EMA.
 
 **Shared machinery.** Which parameters get factors (and the reason for every other one) is
 decided by the K-FAC hook back-end's ``qlrlab.backends.kfac_hooks.assign_parameters`` (with
