@@ -31,7 +31,7 @@ momentum after the preconditioning, onto the natural gradient). With :math:`p = 
 stabiliser :math:`\hat\epsilon^{2p}` is :math:`\hat\epsilon`. The paper's learning rate
 :math:`\eta` is the step-size rule's :math:`\alpha` (``fixed`` for FAdam itself, ``quadratic`` for
 the QLR heuristics); its weight decay :math:`\lambda` is the spec's ``weight_decay`` (named so
-because :math:`\lambda` is qlrlab's damping), off by default (the paper uses 0.001).
+because :math:`\lambda` is qlrlab's damping), off by default.
 
 The adaptive :math:`\epsilon` and the :math:`\hat\epsilon^{2p}` stabiliser follow the authors'
 reference implementation as released in ``pytorch-optimizer`` (:math:`\epsilon_2 = 0.01`);
