@@ -734,3 +734,30 @@ def test_float32_state_loads_into_a_float64_copy(name: str) -> None:
     for t in opt64.direction.state_dict().values():
         for u in t if isinstance(t, list) else [t]:
             assert not isinstance(u, torch.Tensor) or u.dtype == F64
+
+
+def test_lbfgs_snapshot_by_reference_is_not_written_by_later_steps() -> None:
+    """The undo record holds the stored tensors themselves (no copy); later steps must replace,
+    never modify, them."""
+    net = _tanh_net()
+    g = torch.Generator().manual_seed(15)
+    batches = [
+        (torch.randn(8, 3, generator=g, dtype=F64), torch.randint(0, 2, (8,), generator=g))
+        for _ in range(8)
+    ]
+    opt = qlrlab.build_optimizer(
+        {"direction": {"name": "lbfgs", "history": 2}, "step_size": {"name": "fixed", "lr": 0.1}},
+        net,
+        nn.CrossEntropyLoss(),
+    )
+    for b in batches[:3]:
+        opt.step(b)
+    snap = opt.direction.snapshot()
+    assert snap["s"] is opt.direction.s  # by reference
+    frozen = {k: v.clone() for k, v in snap.items() if isinstance(v, torch.Tensor)}
+    for b in batches[3:]:  # memory full: eviction on every step
+        opt.step(b)
+    for k, v in frozen.items():
+        assert torch.equal(snap[k], v), k
+    opt.direction.restore(snap)
+    assert opt.direction.step == 3 and torch.equal(opt.direction.s, frozen["s"])

@@ -224,6 +224,19 @@ class LBFGSDirection(DirectionProvider):
             d = two_loop(g, self.s, self.y, gamma)
         return self._split(d)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The state as a value *by reference*: :meth:`compute` never writes into the stored
+        tensors (it replaces them), so the step's undo record needs no copy of the
+        :math:`2m` stored vectors."""
+        return dict(self.state_dict())
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back exactly the tensors :meth:`snapshot` referenced."""
+        self.step = int(snapshot["step"])
+        self.skipped = int(snapshot["skipped"])
+        self.s, self.y = snapshot["s"], snapshot["y"]
+        self.prev_params, self.prev_grad = snapshot["prev_params"], snapshot["prev_grad"]
+
     def state_dict(self) -> dict[str, Any]:
         """Step and skip counters, the pairs and the previous point (and gradient)."""
         return {
