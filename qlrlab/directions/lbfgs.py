@@ -39,11 +39,13 @@ counted in ``skipped``.
 
 **Rejected steps.** A pair is formed at the *next* gradient pass, from the parameters found
 there. When the damping schedule rejects a step (``accept_reject``), or a non-finite step is
-refused, the optimiser restores the parameters and this direction's ``state_dict`` from before
-the step, so the rejected displacement never enters the memory; the next step forms the pair of
-the last accepted step again (in ``same_batch`` mode on the new batch). No extra hook is needed:
-the restore of :meth:`load_state_dict` *is* the notification. A step that changed nothing
-(:math:`s = 0`) is skipped without the extra gradient pass.
+refused, the optimiser's step transaction restores the parameters and this direction's state
+from before the step (:meth:`snapshot` / :meth:`restore`), so the rejected displacement never
+enters the memory; the next step forms the pair of the last accepted step again (in
+``same_batch`` mode on the new batch). No accept/reject hook is needed: the restore *is* the
+notification. The snapshot holds the stored tensors by reference (:meth:`compute` replaces them,
+never writes into them), so it costs no copy. A step that changed nothing (:math:`s = 0`) is
+skipped without the extra gradient pass.
 
 The vectors are stored flat (one tensor of all optimised parameters, which must therefore share
 one dtype and device). Data parallelism: the extra gradient is averaged over the workers with
