@@ -517,17 +517,17 @@ def adafisher_reference_diagonals(
                 outs[n] = o
 
             handles.append(m.register_forward_hook(hook))
-    loss_fn(m_(x), y).backward()
+    loss_fn(m_(x), y).backward()  # mean cross-entropy: n = len(y) terms
     for h in handles:
         h.remove()
     res = {}
     for n, m in layers.items():
         if isinstance(m, nn.Conv2d):
             rows = _patches_by_loops(ins[n], m)
-            s = outs[n].grad.permute(0, 2, 3, 1).reshape(-1, m.out_channels)
+            s = len(y) * outs[n].grad.permute(0, 2, 3, 1).reshape(-1, m.out_channels)
         else:
             rows = ins[n].reshape(-1, m.in_features)
-            s = outs[n].grad.reshape(-1, m.out_features)
+            s = len(y) * outs[n].grad.reshape(-1, m.out_features)  # per-term gradients
         if m.bias is not None:
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
         res[n] = ((rows**2).mean(0), (s**2).mean(0))
@@ -761,3 +761,21 @@ def test_lbfgs_snapshot_by_reference_is_not_written_by_later_steps() -> None:
         assert torch.equal(snap[k], v), k
     opt.direction.restore(snap)
     assert opt.direction.step == 3 and torch.equal(opt.direction.s, frozen["s"])
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_adafisher_statistics_do_not_depend_on_the_batch_size(loss: str) -> None:
+    """The same examples twice (a batch twice as large) give the same factor diagonals: S_D is
+    built from per-term gradients, not from the 1/n-scaled gradients of the mean loss."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(6, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (6,), generator=g) if loss == "ce" else torch.randn(6, 3, dtype=F64)
+    loss_fn = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
+    diags = []
+    for xb, yb in ((x, y), (torch.cat([x, x]), torch.cat([y, y]))):
+        model = _tiny_mlp()
+        opt = qlrlab.build_optimizer({"direction": "adafisher"}, model, loss_fn)
+        opt.step((xb, yb))
+        diags.append((opt.direction.H, opt.direction.S))
+    for a, b in zip(diags[0][0] + diags[0][1], diags[1][0] + diags[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

@@ -5,11 +5,18 @@ For every ``nn.Linear`` / ``nn.Conv2d`` layer the empirical Fisher block is appr
 K-FAC, by the Kronecker product of an input factor and an output-gradient factor; AdaFisher keeps
 only their **diagonals** (the paper observes that the factors are diagonally concentrated).
 With the layer's rows :math:`\bar h_r` (inputs, or unfolded conv patches, with a trailing 1 for
-the bias) and :math:`s_r` (gradients of the mean batch loss at the layer's output, at the same
+the bias) and :math:`e_r` (per-term gradients of the loss at the layer's output, at the same
 rows/locations — the *empirical* Fisher: the true labels, not sampled ones):
 
 .. math::
-    H_D = \operatorname{mean}_r \bar h_r^{\,2},\qquad S_D = \operatorname{mean}_r s_r^{\,2},
+    H_D = \operatorname{mean}_r \bar h_r^{\,2},\qquad S_D = \operatorname{mean}_r e_r^{\,2},
+    \qquad e_r = n\,\frac{\partial f}{\partial z_r},
+
+where :math:`f` is the batch loss as computed and :math:`n` its number of terms for
+``reduction="mean"`` (cross-entropy: the counted targets; other losses: the output's elements;
+1 for ``"sum"``). Undoing the mean makes :math:`S_D` independent of the batch size (the K-FAC
+convention), so the :math:`10^{-6}` of the Min-Max normalisation stays negligible at any batch
+size, and two data-parallel workers with half the batch each agree with one process.
 
 then, per layer (symbols as in the paper),
 
@@ -76,7 +83,14 @@ from torch import Tensor, nn
 from qlrlab.interfaces import DirectionProvider, StepContext
 from qlrlab.registry import DIRECTIONS, ComponentSpec
 
-__all__ = ["AdaFisherDirection", "AdaFisherSpec", "input_diagonal", "min_max", "output_diagonal"]
+__all__ = [
+    "AdaFisherDirection",
+    "AdaFisherSpec",
+    "input_diagonal",
+    "loss_terms",
+    "min_max",
+    "output_diagonal",
+]
 
 
 @DIRECTIONS.register("adafisher")
@@ -157,6 +171,22 @@ def output_diagonal(module: nn.Module, grads: Sequence[Tensor]) -> Tensor:
     return total / count
 
 
+def loss_terms(loss_fn: nn.Module, z: Tensor, y: Tensor) -> float:
+    """The number of terms :math:`n` a mean-reduced loss divides by (1 for ``"sum"``):
+    cross-entropy with class targets counts the targets that are not ``ignore_index``; with
+    probability targets, every position; other losses (MSE, ½·MSE, BCE, ...) every element of
+    the output."""
+    if getattr(loss_fn, "reduction", "mean") == "sum":
+        return 1.0
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if y.is_floating_point():
+            return float(max(1, z.numel() // (z.shape[1] if z.ndim >= 2 else z.numel())))
+        return float(max(1, int((y != loss_fn.ignore_index).sum())))
+    if isinstance(loss_fn, nn.NLLLoss) and not y.is_floating_point():
+        return float(max(1, int((y != loss_fn.ignore_index).sum())))
+    return float(max(1, z.numel()))
+
+
 class _Record:
     """Inputs and output gradients of one layer's calls during a gradient pass."""
 
@@ -185,6 +215,8 @@ class AdaFisherDirection(DirectionProvider):
         self.layers: list[Any] = []
         self.fallback: dict[int, str] = {}
         self._model: nn.Module | None = None
+        self._loss_fn: nn.Module | None = None
+        self._terms = 1.0
         self._records: dict[int, _Record] | None = None
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
@@ -204,6 +236,7 @@ class AdaFisherDirection(DirectionProvider):
                 "diagonal), or exclude it from the optimised parameters"
             )
         self._model = model
+        self._loss_fn = loss_fn
         self.step = 0
         self.momentum = [torch.zeros_like(p) for p in params]
         self.H = [None] * len(self.layers)
@@ -242,7 +275,14 @@ class AdaFisherDirection(DirectionProvider):
             if out.requires_grad:
                 out.register_hook(lambda g, rec=rec: rec.grads.append(g.detach()))
 
+        def loss_hook(module: nn.Module, args: tuple[Any, ...], value: Any) -> None:
+            if len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor):
+                self._terms = loss_terms(module, args[0], args[1])
+
         handles = [lay.module.register_forward_hook(forward_hook) for lay in self.layers]
+        if self._loss_fn is not None:
+            handles.append(self._loss_fn.register_forward_hook(loss_hook))
+        self._terms = 1.0
         inplace = [m for m in model.modules() if getattr(m, "inplace", None) is True]
         for m in inplace:
             m.inplace = False  # type: ignore[assignment]
@@ -263,7 +303,7 @@ class AdaFisherDirection(DirectionProvider):
             if not rec.inputs or not rec.grads:
                 continue
             h = input_diagonal(lay.module, rec.inputs, joint_bias=lay.joint)
-            s = output_diagonal(lay.module, rec.grads)
+            s = output_diagonal(lay.module, rec.grads) * (self._terms * self._terms)
             out[li] = (ctx.all_reduce(h), ctx.all_reduce(s))
         self._records = None
         return out
