@@ -221,6 +221,12 @@ OPTIMISERS: dict[str, tuple[str, dict[str, Any]]] = {
     "kfac": ("kfac", {}),
     "kfac (inverses every 10)": ("kfac", {"direction.inverse_period": 10}),
     "kfac (backpack)": ("kfac", {"direction.backend": "backpack"}),
+    "lbfgs": ("lbfgs", {}),
+    "lbfgs_qlr": ("lbfgs_qlr", {}),
+    "fadam": ("fadam", {}),
+    "fadam_qlr": ("fadam_qlr", {}),
+    "adafisher": ("adafisher", {}),
+    "adafisher_qlr": ("adafisher_qlr", {}),
 }
 
 
