@@ -10,6 +10,7 @@ from qlrlab.directions.diag_ggn import DiagGGNDirection, DiagGGNSpec
 from qlrlab.directions.kfac import KFACDirection, KFACSpec
 from qlrlab.directions.newton_cg import NewtonCGDirection, NewtonCGSpec
 from qlrlab.directions.sgd import SGDDirection, SGDSpec
+from qlrlab.directions.torch_optim import TorchOptimDirection, TorchOptimSpec
 
 __all__ = [
     "AdamDirection",
@@ -22,4 +23,6 @@ __all__ = [
     "NewtonCGSpec",
     "SGDDirection",
     "SGDSpec",
+    "TorchOptimDirection",
+    "TorchOptimSpec",
 ]
