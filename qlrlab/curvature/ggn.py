@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from qlrlab._passes import functional_forward, side_effect_free
 from qlrlab.curvature import _fastpath
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
-from qlrlab.losses import loss_value, output_hvp, output_quadratic_form
+from qlrlab.losses import check_output_hessian, loss_value, output_hvp, output_quadratic_form
 from qlrlab.registry import CURVATURES, ComponentSpec
 
 __all__ = ["BoundGGN", "FastBoundGGN", "GGNOracle", "GGNSpec"]
@@ -164,6 +164,7 @@ class GGNOracle(CurvatureOracle):
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
         """Check the loss/model are supported by the chosen back-end; decide on the fast path."""
+        check_output_hessian(loss_fn, "ggn")
         if self.spec.backend == "curvlinops":
             from qlrlab.curvature._curvlinops import check_curvlinops_support
 
