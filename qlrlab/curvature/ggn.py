@@ -24,6 +24,7 @@ Back-ends (``GGNSpec.backend``):
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -148,6 +149,12 @@ class FastBoundGGN(BoundGGN):
             return loss_value(self.problem.loss_fn, z, self.problem.targets).detach()
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (without importing dynamo)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
+
+
 class GGNOracle(CurvatureOracle):
     """Binds :class:`FastBoundGGN`, :class:`BoundGGN` or the curvlinops ``GGNLinearOperator``."""
 
@@ -161,6 +168,8 @@ class GGNOracle(CurvatureOracle):
         self.fast_unsupported: str | None = None
         #: which path the last :meth:`bind` chose: ``"fast"``, ``"jvp"`` or ``"curvlinops"``.
         self.last_path: str | None = None
+        #: why the last :meth:`bind` did not take the fast path (``None`` when it did).
+        self.last_fallback: str | None = None
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
         """Check the loss/model are supported by the chosen back-end; decide on the fast path."""
@@ -172,6 +181,11 @@ class GGNOracle(CurvatureOracle):
         self._fast = False
         if self.spec.backend in ("own", "fast"):
             self.fast_unsupported = _fastpath.fast_path_unsupported(model, params)
+            if _is_compiled(model):
+                self.fast_unsupported = (
+                    "the model is wrapped by torch.compile (dynamo would trace the fast path's "
+                    "recording hooks); the curvature uses the torch.func path"
+                )
             if self.fast_unsupported is not None and self.spec.backend == "fast":
                 raise ValueError(
                     f"curvature.backend: fast: {self.fast_unsupported}; use backend: own "
@@ -205,9 +219,10 @@ class GGNOracle(CurvatureOracle):
         if rec is not None:
             chain = rec.chain()
             if chain is not None:
-                self.last_path = "fast"
+                self.last_path, self.last_fallback = "fast", None
                 return FastBoundGGN(problem, chain)
             if self.spec.backend == "fast":
                 raise RuntimeError(f"curvature.backend: fast: {rec.failure}; use backend: own")
         self.last_path = "jvp"
+        self.last_fallback = rec.failure if rec is not None else self.fast_unsupported
         return BoundGGN(problem)
