@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from qlrlab._passes import functional_forward, side_effect_free
+from qlrlab._passes import autocast_off, functional_forward, side_effect_free
 from qlrlab.curvature import _fastpath
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
 from qlrlab.losses import check_output_hessian, loss_value, output_hvp, output_quadratic_form
@@ -130,11 +130,13 @@ class FastBoundGGN(BoundGGN):
 
     def __init__(self, problem: Problem, chain: list[_fastpath.Record]) -> None:
         super().__init__(problem)
+        if problem.params:
+            _upcast_records(chain, problem.params[0].dtype)
         self.fast = _fastpath.ChainTangents(chain, problem.params)
 
     def jvp(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Outputs :math:`z` and :math:`u = Jv` from the cached activations."""
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off():
             z, u = self.fast.tangent(v)
         self._z = z
         return z, u
@@ -147,6 +149,17 @@ class FastBoundGGN(BoundGGN):
             if z is None:
                 return None
             return loss_value(self.problem.loss_fn, z, self.problem.targets).detach()
+
+
+def _upcast_records(chain: list[_fastpath.Record], dtype: torch.dtype) -> None:
+    """Cast the cached activations of an autocast gradient pass (bfloat16/float16) to the
+    parameters' dtype, so that the tangents, :math:`d^\top G d` and :math:`f(\theta-\alpha d)`
+    are computed in it (a no-op without autocast)."""
+    for r in chain:
+        for name in ("x", "y"):
+            t = getattr(r, name)
+            if t is not None and t.is_floating_point() and t.dtype != dtype:
+                setattr(r, name, t.to(dtype))
 
 
 def _is_compiled(model: nn.Module) -> bool:
