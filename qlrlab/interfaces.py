@@ -181,6 +181,13 @@ class Component:
         """Serialisable state (tensors and Python scalars only, so ``weights_only`` loads work)."""
         return {}
 
+    def param_state(self) -> list[dict[str, Any]] | None:
+        """Per-parameter state, one dict per optimised parameter in order (e.g. Adam's
+        ``exp_avg``), shown in the optimiser's ``opt.state[p]`` for tools that inspect it;
+        ``None`` (default): nothing per parameter. The tensors are the component's own (a view,
+        not a copy)."""
+        return None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state produced by :meth:`state_dict`."""
 

@@ -126,6 +126,19 @@ def _floats(xs: list[Tensor | float | None]) -> list[float | None]:
     return [float(next(vals)) if isinstance(x, Tensor) else _f(x) for x in xs]
 
 
+def _identity(t: Tensor) -> Tensor:
+    """The default ``all_reduce`` (a module-level function, so optimisers pickle)."""
+    return t
+
+
+def _component_name(comp: Any) -> str:
+    """A component's spec name (``torch_optim`` with its optimiser), for messages."""
+    spec = getattr(comp, "spec", None)
+    name = getattr(spec, "name", None) or type(comp).__name__
+    inner = getattr(spec, "optimizer", None)
+    return f"{name}({inner})" if isinstance(inner, str) else str(name)
+
+
 def _has_gradient_pass(comp: Any) -> bool:
     """Whether ``comp`` overrides :meth:`Component.gradient_pass` (the default is a no-op)."""
     fn = getattr(comp, "gradient_pass", None)
@@ -250,7 +263,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.damping = damping if damping is not None else NoDamping()
         self.spec = spec
         self.track_rho = track_rho
-        self.all_reduce: Callable[[Tensor], Tensor] = all_reduce or (lambda t: t)
+        self.all_reduce: Callable[[Tensor], Tensor] = all_reduce or _identity
         self.grad_all_reduce = grad_all_reduce
         self._step = 0
 
@@ -269,6 +282,55 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._names = [names[id(p)] for p in self._params]
         for comp in self.components:
             comp.setup(self._params, model, loss_fn)
+        self._constructed = True
+
+    # -- torch.optim citizenship -----------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group while constructing; afterwards refused (``ValueError``): the
+        components allocated their state for the parameters given at construction."""
+        if self.__dict__.get("_constructed", False):
+            raise ValueError(
+                "add_param_group: a ComposedOptimizer's components allocate their state (moments, "
+                "curvature caches, damping) for the parameters given at construction; build a "
+                "new optimizer with every param group instead, e.g. "
+                "build_optimizer(spec, model, loss_fn, params=[group1, group2])"
+            )
+        super().add_param_group(param_group)
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """``torch.optim``'s per-parameter state: each component's :meth:`param_state`
+        (e.g. Adam's ``exp_avg``), merged per parameter; the tensors are the components' own."""
+        st = self.__dict__["_param_state"]
+        if self.__dict__.get("_constructed", False):
+            for comp in self.components:
+                per_param = comp.param_state()
+                if per_param is not None:
+                    for p, entry in zip(self._params, per_param):
+                        st[p].update(entry)
+        return st
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.__dict__["_param_state"] = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (model, loss, components): ``copy.deepcopy((model, opt))`` and ``pickle``
+        give a working pair that continues identically."""
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+
+    @property
+    def composition(self) -> dict[str, str]:
+        """The components' spec names by family (``direction``, ``curvature``...)."""
+        return {
+            "direction": _component_name(self.direction),
+            "curvature": _component_name(self.curvature) if self.curvature is not None else "none",
+            "step_size": _component_name(self.step_size),
+            "damping": _component_name(self.damping),
+        }
 
     @property
     def components(self) -> list[Any]:
@@ -481,7 +543,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Standard optimiser state plus every component's state under ``"qlrlab"``."""
         sd = super().state_dict()
+        # the per-parameter view of opt.state holds the components' own tensors, saved below
+        sd["state"] = {}
         sd["qlrlab"] = {
+            "composition": self.composition,
             "step": self._step,
             "direction": clone_state(self.direction.state_dict()),
             "curvature": clone_state(self.curvature.state_dict()) if self.curvature else {},
@@ -491,9 +556,23 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (λ and counters included)."""
+        """Restore what :meth:`state_dict` saved (λ and counters included).
+
+        Raises:
+            ValueError: the state was saved by a different composition (naming both).
+        """
         sd = dict(state_dict)
         extra = sd.pop("qlrlab", None)
+        if extra is not None:
+            saved = extra.get("composition")
+            if saved is not None and dict(saved) != self.composition:
+                fmt = ", ".join
+                raise ValueError(
+                    "load_state_dict: the state was saved by an optimizer composed of "
+                    f"{fmt(f'{k}={v}' for k, v in saved.items())}, but this one is "
+                    f"{fmt(f'{k}={v}' for k, v in self.composition.items())}; build the "
+                    "optimizer from the same spec (or preset) before loading"
+                )
         super().load_state_dict(sd)
         if extra is None:
             return

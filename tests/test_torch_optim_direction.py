@@ -23,7 +23,10 @@ def _model() -> nn.Module:
 def _batches(n: int = 12) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
     return [
-        (torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g))
+        (
+            torch.randn(32, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (32,), generator=g),
+        )
         for _ in range(n)
     ]
 
