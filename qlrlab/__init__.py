@@ -10,6 +10,7 @@ schedule from a validated spec, and train with it as one ``torch.optim.Optimizer
 """
 
 from qlrlab import curvature, damping, directions, presets, step_sizes
+from qlrlab._observe import ObservationError
 from qlrlab.build import build_optimizer
 from qlrlab.interfaces import (
     BoundCurvature,
@@ -40,6 +41,7 @@ __all__ = [
     "DampingSchedule",
     "DirectionProvider",
     "HalfMSELoss",
+    "ObservationError",
     "OptimizerSpec",
     "Problem",
     "Proposal",

@@ -26,7 +26,7 @@ gradient pass computed :math:`f(\theta)`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +117,9 @@ def _buffers_untouched(model: nn.Module) -> Iterator[None]:
 def functional_forward(
     model: nn.Module, names: list[str], params: list[Tensor] | tuple[Tensor, ...], inputs: object
 ) -> Tensor:
-    """``model(inputs)`` with the named parameters replaced by ``params`` (``torch.func`` style)."""
+    """``model(inputs)`` with the named parameters replaced by ``params`` (``torch.func`` style);
+    a dict of inputs is passed as keyword arguments, a tuple or list as positional ones."""
+    if isinstance(inputs, Mapping):
+        return torch.func.functional_call(model, dict(zip(names, params)), (), dict(inputs))
     args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     return torch.func.functional_call(model, dict(zip(names, params)), tuple(args))

@@ -205,9 +205,19 @@ def _plain_ce(loss_fn: nn.Module) -> bool:
         and loss_fn.weight is None
         and loss_fn.label_smoothing == 0.0
         and loss_fn.reduction in ("mean", "sum")
-        and not (loss_fn._forward_hooks or loss_fn._forward_pre_hooks)
+        and not _foreign_hooks(loss_fn)
         and not (g._global_forward_hooks or g._global_forward_pre_hooks)
     )
+
+
+def _foreign_hooks(module: nn.Module) -> bool:
+    """Forward hooks on ``module`` other than qlrlab's batch observers (which only record)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    if not hooks:
+        return False
+    from qlrlab._observe import is_observer_hook
+
+    return not all(is_observer_hook(h) for h in hooks)
 
 
 def loss_value(loss_fn: nn.Module, z: Tensor, y: Tensor) -> Tensor:

@@ -151,8 +151,8 @@ class FisherMCOracle(CurvatureOracle):
                 FisherMCLinearOperator, seed=seed, mc_samples=self.spec.mc_samples
             )
             return CurvlinopsBound(problem, op)
-        x = problem.inputs[0] if isinstance(problem.inputs, (tuple, list)) else problem.inputs
-        gen = torch.Generator(device=x.device)
+        device = problem.params[0].device if problem.params else torch.device("cpu")
+        gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         fn = functools.partial(
             mc_factors, problem.loss_fn, problem.targets, self.spec.mc_samples, gen

@@ -172,6 +172,7 @@ class GGNOracle(CurvatureOracle):
     """Binds :class:`FastBoundGGN`, :class:`BoundGGN` or the curvlinops ``GGNLinearOperator``."""
 
     spec: GGNSpec
+    gradient_pass_optional = True
 
     def __init__(self, spec: GGNSpec | None = None) -> None:
         super().__init__(spec or GGNSpec())
@@ -237,5 +238,13 @@ class GGNOracle(CurvatureOracle):
             if self.spec.backend == "fast":
                 raise RuntimeError(f"curvature.backend: fast: {rec.failure}; use backend: own")
         self.last_path = "jvp"
-        self.last_fallback = rec.failure if rec is not None else self.fast_unsupported
+        if rec is not None:
+            self.last_fallback = rec.failure
+        elif self._fast:
+            self.last_fallback = (
+                "the gradient pass was not recorded: it ran in the caller's code "
+                "(step(closure) or loss.backward(); step()) or in micro-batches"
+            )
+        else:
+            self.last_fallback = self.fast_unsupported
         return BoundGGN(problem)
