@@ -27,7 +27,7 @@ def example():
 def test_plain_pytorch_example_sections_run(example, section) -> None:
     out = getattr(example, section)()
     losses = out if isinstance(out, list) else [out]
-    assert all(0.0 < v < 10.0 for v in losses)
+    assert all(0.0 < v < 1.0 for v in losses)  # from ln 4 = 1.39: it learns
 
 
 def test_docs_page_includes_every_example_section() -> None:

@@ -12,8 +12,9 @@ from torch import nn
 import qlrlab
 
 torch.manual_seed(0)
-x_all, y_all = torch.randn(512, 20), torch.randint(0, 4, (512,))
-loader = list(zip(x_all.split(64), y_all.split(64)))
+x_all = torch.randn(1024, 20)
+y_all = (x_all @ torch.randn(20, 4)).argmax(1)  # a learnable teacher
+loader = list(zip(x_all.split(256), y_all.split(256)))
 
 
 def make_model() -> nn.Module:
@@ -71,11 +72,11 @@ def amp() -> float:
 def clipping_and_accumulation() -> float:
     # --8<-- [start:gradient]
     spec = qlrlab.presets.adamqlr()
-    spec.gradient = {"clip_norm": 1.0, "micro_batches": 4}  # or in YAML: gradient: {...}
+    spec.gradient = {"clip_norm": 0.25, "micro_batches": 4}  # or in YAML: gradient: {...}
     model = make_model()
     opt = qlrlab.build_optimizer(spec, model, nn.CrossEntropyLoss())
     for inputs, targets in loader:
-        info = opt.step((inputs, targets))  # 4 micro-batches of 16 rows, one step
+        info = opt.step((inputs, targets))  # 4 micro-batches of 64 rows, one step
     print(f"|g| {info.grad_norm_unclipped:.3f} clipped to {info.grad_norm:.3f}")
     # --8<-- [end:gradient]
     return info.loss
