@@ -51,10 +51,12 @@ def test_trainer_with_adamqlr_equals_step_batch(tmp_path) -> None:
         return loss_fn(outputs.logits, labels)
 
     inputs_seen = []
-    model.register_forward_pre_hook(
-        lambda m, args, kwargs: inputs_seen.append({k: v.clone() for k, v in kwargs.items()}),
-        with_kwargs=True,
-    )
+
+    def record(module, args, kwargs):  # the Trainer's forwards (qlrlab's own run without grad)
+        if torch.is_grad_enabled():
+            inputs_seen.append({k: v.clone() for k, v in kwargs.items()})
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=16,
         lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], save_strategy="no",
