@@ -5,7 +5,8 @@ Between two steps, forward pre-hooks on the model and on the loss module record 
 model was called with and the targets the loss module was called with (and a forward hook the
 loss value). Only calls made with gradients enabled count: evaluation under ``torch.no_grad()``
 (as Lightning and Hugging Face run it) is ignored. Only the first call is kept (and the number
-of calls), so an unused observer holds no more than one batch. The hooks are removed while a step runs, so the optimiser's own passes are never
+of calls), so an unused observer holds no more than one batch. Calls of the loss module before
+the model's forward are not counted (a loss module shared with another model). The hooks are removed while a step runs, so the optimiser's own passes are never
 recorded (and the fast path's hook-free runner still applies to ``step(batch)``). A step then
 takes the one recorded batch: none, or several forwards of the model since the last step, is
 an error that says what to do.
@@ -192,14 +193,17 @@ class BatchObserver:
                 self.model_args = (_detach(args), _detach(kwargs))
 
     def _on_loss(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if torch.is_grad_enabled() and not _PASSES_RUNNING[0]:
+        # a loss call before any forward of the model belongs to someone else (a loss module
+        # shared with another model or optimiser)
+        if self.model_calls and torch.is_grad_enabled() and not _PASSES_RUNNING[0]:
             self.loss_calls += 1
             if self.loss_args is None:
                 self.loss_args = _detach(args)
 
     def _on_loss_value(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if (
-            torch.is_grad_enabled()
+            self.model_calls
+            and torch.is_grad_enabled()
             and not _PASSES_RUNNING[0]
             and self.loss_value is None
             and isinstance(out, Tensor)

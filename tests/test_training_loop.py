@@ -289,3 +289,17 @@ def test_deepcopy_keeps_observing() -> None:
     opt.zero_grad()
     loss_fn(model(x2), y2).backward()
     assert opt2.step().as_dict() == opt.step().as_dict()
+
+
+def test_a_loss_module_shared_with_another_model_does_not_confuse_the_observation() -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    model, other = _model(), _model()
+    opt = qlrlab.build_optimizer("adamqlr", model, loss_fn)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    for x, y in _batches(3):
+        other_opt.zero_grad()
+        loss_fn(other(x), y).backward()  # the shared loss module, another model
+        other_opt.step()
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        assert opt.step().status == "ok"
