@@ -159,6 +159,12 @@ class BatchObserver:
         self.model = model
         self.loss_fn = loss_fn
         self._handles: list[Any] = []
+        # the loss module's hooks stay: they record nothing inside an optimiser's passes and
+        # qlrlab's own loss evaluation (losses.loss_value) ignores them
+        self._loss_handles = [
+            loss_fn.register_forward_pre_hook(self._on_loss),
+            loss_fn.register_forward_hook(self._on_loss_value),
+        ]
         self.clear()
 
     def clear(self) -> None:
@@ -171,17 +177,14 @@ class BatchObserver:
 
     # -- hooks --------------------------------------------------------------------------------
     def attach(self) -> None:
-        """Install the hooks (idempotent)."""
+        """Install the model's hook (idempotent)."""
         if self._handles:
             return
-        self._handles = [
-            self.model.register_forward_pre_hook(self._on_model, with_kwargs=True),
-            self.loss_fn.register_forward_pre_hook(self._on_loss),
-            self.loss_fn.register_forward_hook(self._on_loss_value),
-        ]
+        self._handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
 
     def detach(self) -> None:
-        """Remove the hooks."""
+        """Remove the model's hook (a model without hooks keeps the fast path's hook-free
+        runner for ``step(batch)``)."""
         for h in self._handles:
             h.remove()
         self._handles = []

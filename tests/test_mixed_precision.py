@@ -34,6 +34,7 @@ CURVATURES = [
     {"name": "hessian"},
     {"name": "fisher_mc"},
     {"name": "empirical_fisher"},
+    {"name": "kfac"},
 ]
 
 
