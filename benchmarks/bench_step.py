@@ -212,10 +212,14 @@ def make_problem(
     return model.to(device), loss, batches
 
 
-#: optimiser label -> (preset, overrides as {"component.field": value})
+#: optimiser label -> (preset, overrides as {"component.field": value}; ``"convention"``: how the
+#: step is called, ``"batch"`` (default), ``"closure"`` or ``"backward"`` (the caller's
+#: forward and backward, then ``opt.step()``))
 OPTIMISERS: dict[str, tuple[str, dict[str, Any]]] = {
     "adam (composed)": ("adam", {}),
     "adamqlr (own→fast)": ("adamqlr", {"curvature.backend": "own"}),
+    "adamqlr step(closure)": ("adamqlr", {"convention": "closure"}),
+    "adamqlr backward; step()": ("adamqlr", {"convention": "backward"}),
     "adamqlr (jvp)": ("adamqlr", {"curvature.backend": "jvp"}),
     "adamqlr (curvlinops)": ("adamqlr", {"curvature.backend": "curvlinops"}),
     "kfac": ("kfac", {}),
@@ -247,6 +251,8 @@ def build_step(
 
         return step, opt
     preset, overrides = OPTIMISERS[label]
+    overrides = dict(overrides)
+    convention = overrides.pop("convention", "batch")
     spec = get_preset(preset)
     if overrides:
         data = spec.model_dump()
@@ -255,6 +261,29 @@ def build_step(
             data[component][field] = value
         spec = type(spec).model_validate(data)
     copt = build_optimizer(spec, model, loss_fn)
+    if convention == "closure":
+
+        def step_closure(batch: Any) -> Any:
+            x, y = batch
+
+            def closure() -> Tensor:
+                copt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss
+
+            return copt.step(closure)
+
+        return step_closure, copt
+    if convention == "backward":
+
+        def step_backward(batch: Any) -> Any:
+            x, y = batch
+            copt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            return copt.step()
+
+        return step_backward, copt
     return copt.step, copt
 
 

@@ -11,6 +11,7 @@ schedule from a validated spec, and train with it as one ``torch.optim.Optimizer
 
 # _lifeline first: an ablation worker ties its life to its coordinator before torch loads
 from qlrlab import _lifeline, curvature, damping, directions, presets, step_sizes  # noqa: F401
+from qlrlab._observe import ObservationError
 from qlrlab.build import build_optimizer
 from qlrlab.interfaces import (
     BoundCurvature,
@@ -41,6 +42,7 @@ __all__ = [
     "DampingSchedule",
     "DirectionProvider",
     "HalfMSELoss",
+    "ObservationError",
     "OptimizerSpec",
     "Problem",
     "Proposal",

@@ -37,6 +37,7 @@ def build_optimizer(
     *,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
     grad_all_reduce: Callable[[list[Tensor]], None] | None = None,
+    output: str | int | Callable[[Any], Tensor] | None = None,
 ) -> ComposedOptimizer:
     """Build a :class:`ComposedOptimizer` from a spec.
 
@@ -48,9 +49,13 @@ def build_optimizer(
         all_reduce: data-parallel averaging of scalars (see :mod:`qlrlab.distributed`).
         grad_all_reduce: in-place data-parallel averaging of the gradients (not needed with a
             DDP-wrapped model); :func:`qlrlab.distributed.build_distributed_optimizer` sets both.
+        output: which output of the model feeds the loss when the model returns a dict, a
+            Hugging Face ``ModelOutput`` or a tuple: a key (``"logits"``), an index, or a
+            callable ``outputs -> tensor``.
 
     Returns:
-        The optimiser; call ``opt.step((inputs, targets))``.
+        The optimiser; call ``opt.step((inputs, targets))``, ``opt.step(closure)`` or
+        ``loss.backward(); opt.step()``.
     """
     spec = resolve_spec(spec)
     return ComposedOptimizer(
@@ -65,4 +70,6 @@ def build_optimizer(
         track_rho=spec.track_rho,
         all_reduce=all_reduce,
         grad_all_reduce=grad_all_reduce,
+        output=output,
+        gradient=spec.gradient,
     )

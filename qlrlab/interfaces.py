@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,7 +64,8 @@ class Problem:
     Attributes:
         model: the user's model (never a BackPACK-extended twin).
         loss_fn: the loss module; ``loss_fn(model(inputs), targets)`` is the mean batch loss.
-        inputs: model inputs (a tensor, or a tuple of tensors unpacked into ``model(*inputs)``).
+        inputs: model inputs (a tensor, a tuple of tensors unpacked into ``model(*inputs)``, or
+            a dict of keyword arguments, ``model(**inputs)``).
         targets: targets passed to ``loss_fn``.
         params: the optimised parameters (a subset of ``model.parameters()``), in order.
         param_names: their names in ``model.named_parameters()``.
@@ -82,8 +83,11 @@ class Problem:
     loss: Tensor | None = None
 
     def call_model(self, model: nn.Module | None = None) -> Tensor:
-        """Run ``model`` (default: the problem's model) on the inputs."""
+        """Run ``model`` (default: the problem's model) on the inputs: ``model(**inputs)`` for a
+        dict, ``model(*inputs)`` for a tuple or list, ``model(inputs)`` otherwise."""
         m = self.model if model is None else model
+        if isinstance(self.inputs, Mapping):
+            return m(**self.inputs)
         if isinstance(self.inputs, (tuple, list)):
             return m(*self.inputs)
         return m(self.inputs)
@@ -91,7 +95,10 @@ class Problem:
     @property
     def batch_size(self) -> int:
         """Leading dimension of the (first) input tensor."""
-        x = self.inputs[0] if isinstance(self.inputs, (tuple, list)) else self.inputs
+        if isinstance(self.inputs, Mapping):
+            x = next(v for v in self.inputs.values() if isinstance(v, Tensor))
+        else:
+            x = self.inputs[0] if isinstance(self.inputs, (tuple, list)) else self.inputs
         return int(x.shape[0])
 
 
@@ -159,6 +166,13 @@ class Component:
         spec: the validated spec this component was built from (``None`` for ad-hoc use).
     """
 
+    #: the component's :meth:`gradient_pass` is only an optimisation (the GGN fast path records
+    #: activations; without them it takes the general path): steps whose gradient comes from
+    #: the caller (``step(closure)``, ``loss.backward(); step()``) or from micro-batches may
+    #: skip it. ``False`` (e.g. K-FAC's BackPACK pass): the optimiser runs its own gradient
+    #: pass whenever the component has one.
+    gradient_pass_optional: bool = False
+
     def __init__(self, spec: Any = None) -> None:
         self.spec = spec
 
@@ -180,6 +194,13 @@ class Component:
     def state_dict(self) -> dict[str, Any]:
         """Serialisable state (tensors and Python scalars only, so ``weights_only`` loads work)."""
         return {}
+
+    def param_state(self) -> list[dict[str, Any]] | None:
+        """Per-parameter state, one dict per optimised parameter in order (e.g. Adam's
+        ``exp_avg``), shown in the optimiser's ``opt.state[p]`` for tools that inspect it;
+        ``None`` (default): nothing per parameter. The tensors are the component's own (a view,
+        not a copy)."""
+        return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state produced by :meth:`state_dict`."""

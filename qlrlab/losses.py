@@ -42,8 +42,11 @@ from torch import Tensor, nn
 __all__ = [
     "OUTPUT_HESSIANS",
     "SQUARED_ERROR_LOSSES",
+    "ZERO_OUTPUT_HESSIAN",
     "HalfMSELoss",
     "NaNPaddedLoss",
+    "UnsupportedLossError",
+    "check_output_hessian",
     "generic_output_hvp",
     "loss_value",
     "output_hvp",
@@ -202,9 +205,19 @@ def _plain_ce(loss_fn: nn.Module) -> bool:
         and loss_fn.weight is None
         and loss_fn.label_smoothing == 0.0
         and loss_fn.reduction in ("mean", "sum")
-        and not (loss_fn._forward_hooks or loss_fn._forward_pre_hooks)
+        and not _foreign_hooks(loss_fn)
         and not (g._global_forward_hooks or g._global_forward_pre_hooks)
     )
+
+
+def _foreign_hooks(module: nn.Module) -> bool:
+    """Forward hooks on ``module`` other than qlrlab's batch observers (which only record)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    if not hooks:
+        return False
+    from qlrlab._observe import is_observer_hook
+
+    return not all(is_observer_hook(h) for h in hooks)
 
 
 def loss_value(loss_fn: nn.Module, z: Tensor, y: Tensor) -> Tensor:
@@ -241,12 +254,87 @@ def loss_value(loss_fn: nn.Module, z: Tensor, y: Tensor) -> Tensor:
 _FUSED_QUADRATIC_FORMS: dict[OutputHVP, OutputHVP] = {_ce_hvp: _ce_quadratic_form}
 
 
+class UnsupportedLossError(ValueError):
+    """The loss has no output Hessian a GGN/Fisher quadratic model can use (the message names
+    the loss and the alternatives)."""
+
+
+_ALTERNATIVES = (
+    "use curvature: {name: hessian} (the exact Hessian includes the model's own curvature), "
+    "a loss with curvature, or register the loss's output Hessian with "
+    "qlrlab.losses.register_output_hessian"
+)
+
+#: losses whose output Hessian :math:`H_z` is zero almost everywhere (linear or piecewise linear
+#: in the model output ``z``), so :math:`d^\top G d = 0` and a GGN/Fisher quadratic model has no
+#: curvature (AdamQLR's :math:`\alpha = g^\top d / \lambda\|d\|^2` would then be set by the
+#: damping alone): the loss type and a hint. A registered closed form (:data:`OUTPUT_HESSIANS`)
+#: takes precedence.
+ZERO_OUTPUT_HESSIAN: dict[type[nn.Module], str] = {
+    nn.L1Loss: "L1 is piecewise linear (HuberLoss or SmoothL1Loss are its curved relatives)",
+    nn.NLLLoss: "NLLLoss is linear in its log-probabilities (give the logits to "
+    "CrossEntropyLoss instead of log_softmax + NLLLoss)",
+    nn.KLDivLoss: "KLDivLoss is linear in its input log-probabilities (give the logits to "
+    "CrossEntropyLoss with probability targets)",
+    nn.HingeEmbeddingLoss: "hinge losses are piecewise linear",
+    nn.MarginRankingLoss: "margin losses are piecewise linear",
+    nn.MultiMarginLoss: "margin losses are piecewise linear (power 1)",
+    nn.MultiLabelMarginLoss: "margin losses are piecewise linear",
+}
+
+
+def _zero_hessian_hint(loss_fn: nn.Module) -> str | None:
+    for cls in type(loss_fn).__mro__:
+        if cls in ZERO_OUTPUT_HESSIAN:
+            return ZERO_OUTPUT_HESSIAN[cls]
+    return None
+
+
+def check_output_hessian(loss_fn: nn.Module, owner: str) -> None:
+    """Refuse (at construction) a loss whose output Hessian is zero: see
+    :data:`ZERO_OUTPUT_HESSIAN`.
+
+    Args:
+        loss_fn: the loss module.
+        owner: the curvature's spec name, for the message.
+
+    Raises:
+        UnsupportedLossError: naming the loss and the alternatives.
+    """
+    if closed_form_output_hvp(loss_fn) is not None:
+        return
+    hint = _zero_hessian_hint(loss_fn)
+    if hint is not None:
+        raise UnsupportedLossError(
+            f"curvature: {owner!r} cannot use {type(loss_fn).__name__}: its output Hessian is "
+            f"zero ({hint}), so dᵀGd = 0 and the quadratic model has no curvature; "
+            f"{_ALTERNATIVES}"
+        )
+
+
 def generic_output_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
-    """:math:`H_z u` for any scalar loss, by double backward through ``loss_fn``."""
+    """:math:`H_z u` for any scalar loss, by double backward through ``loss_fn``.
+
+    Raises:
+        UnsupportedLossError: the loss's gradient does not depend on ``z`` (the loss is linear
+            in ``z``: zero output Hessian) or cannot be differentiated twice.
+    """
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         (gz,) = torch.autograd.grad(loss_fn(zz, y), zz, create_graph=True)
-        (hu,) = torch.autograd.grad(gz, zz, u, allow_unused=True)
+        if not gz.requires_grad:
+            raise UnsupportedLossError(
+                f"{type(loss_fn).__name__} is linear in the model output: its output Hessian is "
+                f"zero, so a GGN/Fisher quadratic model has no curvature; {_ALTERNATIVES}"
+            )
+        try:
+            (hu,) = torch.autograd.grad(gz, zz, u, allow_unused=True)
+        except RuntimeError as exc:
+            if "not implemented" not in str(exc):
+                raise
+            raise UnsupportedLossError(
+                f"{type(loss_fn).__name__} cannot be differentiated twice ({exc}); {_ALTERNATIVES}"
+            ) from None
     return torch.zeros_like(z) if hu is None else hu.detach()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,7 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qlrlab._passes import side_effect_free
+from qlrlab._observe import (
+    BatchObserver,
+    ObservationError,
+    SelectOutput,
+    call_model,
+    optimizer_passes,
+)
+from qlrlab._passes import autocast_off, side_effect_free
 from qlrlab._state import clone_state, state_to_device
 from qlrlab._tensorlist import dot, norm, sq_norm
 from qlrlab.interfaces import (
@@ -66,7 +74,8 @@ class StepInfo:
         curvature: :math:`d^\\top C d` (undamped).
         predicted_change: :math:`\\Delta M` of the model used for :math:`\\rho` (damped or not).
         new_loss: :math:`f(\\theta_{new})` on the same batch.
-        grad_norm: :math:`\\|g\\|`.
+        grad_norm: :math:`\\|g\\|` of the gradient the step used (after clipping).
+        grad_norm_unclipped: :math:`\\|g\\|` before clipping (``None`` without clipping).
         direction_norm: :math:`\\|d\\|`.
         update_norm: :math:`\\|\\delta\\|`.
         momentum: momentum coefficient chosen by the step-size rule, if any.
@@ -84,6 +93,7 @@ class StepInfo:
     predicted_change: float | None = None
     new_loss: float | None = None
     grad_norm: float | None = None
+    grad_norm_unclipped: float | None = None
     direction_norm: float | None = None
     update_norm: float | None = None
     momentum: float | None = None
@@ -98,6 +108,15 @@ class StepInfo:
     def as_dict(self) -> dict[str, Any]:
         """A flat dict (for logging)."""
         return asdict(self)
+
+    def scalars(self) -> dict[str, float]:
+        """The numeric fields that were computed and are finite, as floats (for loggers such as
+        Lightning's ``self.log_dict``, which refuse ``None`` and strings)."""
+        out: dict[str, float] = {}
+        for k, v in asdict(self).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out[k] = float(v)
+        return out
 
 
 def _f(x: Tensor | float | None) -> float | None:
@@ -126,6 +145,14 @@ def _floats(xs: list[Tensor | float | None]) -> list[float | None]:
     return [float(next(vals)) if isinstance(x, Tensor) else _f(x) for x in xs]
 
 
+def _component_name(comp: Any) -> str:
+    """A component's spec name (``torch_optim`` with its optimiser), for messages."""
+    spec = getattr(comp, "spec", None)
+    name = getattr(spec, "name", None) or type(comp).__name__
+    inner = getattr(spec, "optimizer", None)
+    return f"{name}({inner})" if isinstance(inner, str) else str(name)
+
+
 def _has_gradient_pass(comp: Any) -> bool:
     """Whether ``comp`` overrides :meth:`Component.gradient_pass` (the default is a no-op)."""
     fn = getattr(comp, "gradient_pass", None)
@@ -137,10 +164,11 @@ class _Gradient:
     """Phase 1's result: :math:`f(\\theta)` and :math:`g` on the batch (averaged over workers)."""
 
     loss: Tensor
-    outputs: Tensor
+    outputs: Tensor | None
     grads: list[Tensor]
     loss_f: float
     grad_norm: float | None
+    grad_norm_unclipped: float | None = None
 
     @property
     def status(self) -> str:
@@ -153,7 +181,11 @@ class _Gradient:
         """The :class:`StepInfo` fields known after this phase."""
         if self.status == "nonfinite_loss":
             return {"loss": self.loss_f}
-        return {"loss": self.loss_f, "grad_norm": self.grad_norm}
+        return {
+            "loss": self.loss_f,
+            "grad_norm": self.grad_norm,
+            "grad_norm_unclipped": self.grad_norm_unclipped,
+        }
 
 
 @dataclass
@@ -175,6 +207,55 @@ class _Update:
         """The :class:`StepInfo` fields this phase knows."""
         keys = ("alpha", "direction_norm", "grad_dot_direction", "curvature")
         return {k: self.scalars[k] for k in keys}
+
+
+@dataclass
+class _Batch:
+    """What a step runs on: the batch, and whether the caller already computed the gradient."""
+
+    inputs: Any
+    targets: Any
+    convention: str  # "step(batch)", "opt.step(closure)" or "opt.step()"
+    caller_loss: Tensor | None = None  # f(θ) as the caller's loss module returned it
+
+    @property
+    def own(self) -> bool:
+        """Whether the optimiser computes the gradient itself."""
+        return self.caller_loss is None
+
+
+def _split_rows(x: Any, k: int) -> list[Any]:
+    """``x`` (a tensor, or a tuple/list/dict of them) split into ``k`` parts along dim 0."""
+    if isinstance(x, Tensor):
+        return list(torch.tensor_split(x, k))
+    if isinstance(x, Mapping):
+        parts = {key: _split_rows(v, k) for key, v in x.items()}
+        return [{key: v[i] for key, v in parts.items()} for i in range(k)]
+    if isinstance(x, (tuple, list)):
+        cols = [_split_rows(v, k) for v in x]
+        return [type(x)(c[i] for c in cols) for i in range(k)]
+    return [x] * k
+
+
+def _rows(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return int(x.shape[0])
+    if isinstance(x, Mapping):
+        return next(_rows(v) for v in x.values() if isinstance(v, Tensor))
+    return _rows(x[0])
+
+
+def _describe_arg(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)} items"
+    return f"{type(x).__name__} {x!r:.60}"
+
+
+def _identity(t: Tensor) -> Tensor:
+    """The default ``all_reduce`` (a module-level function, so optimisers pickle)."""
+    return t
 
 
 class _Transaction:
@@ -222,6 +303,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         grad_all_reduce: averages the gradients in place over data-parallel workers right after
             the gradient pass (``None``: not needed, e.g. single process or a DDP-wrapped model;
             see :mod:`qlrlab.distributed`).
+        output: which output of the model feeds the loss, when the model returns a dict, a
+            Hugging Face ``ModelOutput`` or a tuple: a key (``"logits"``), an index, or a
+            callable ``outputs -> tensor`` (``None``: the model returns it).
+        gradient: the gradient-transform stage (:class:`qlrlab.specs.GradientSpec`: clipping,
+            micro-batches; ``None``: none).
     """
 
     def __init__(
@@ -238,6 +324,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         track_rho: bool = False,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         grad_all_reduce: Callable[[list[Tensor]], None] | None = None,
+        output: str | int | Callable[[Any], Tensor] | None = None,
+        gradient: Any = None,
     ) -> None:
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -250,11 +338,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.damping = damping if damping is not None else NoDamping()
         self.spec = spec
         self.track_rho = track_rho
-        self.all_reduce: Callable[[Tensor], Tensor] = all_reduce or (lambda t: t)
+        self.all_reduce: Callable[[Tensor], Tensor] = all_reduce or _identity
         self.grad_all_reduce = grad_all_reduce
         self._step = 0
 
-        names = {id(p): n for n, p in model.named_parameters()}
+        #: the module the optimiser's own passes call (the model, or it and the output selection)
+        self._net: nn.Module = model if output is None else SelectOutput(model, output)
+        self.output = output
+        self.gradient = gradient
+        names = {id(p): n for n, p in self._net.named_parameters()}
         self._params: list[Tensor] = []
         self._group_index: list[int] = []
         for index, group in enumerate(self.param_groups):
@@ -268,7 +360,73 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 self._group_index.append(index)
         self._names = [names[id(p)] for p in self._params]
         for comp in self.components:
-            comp.setup(self._params, model, loss_fn)
+            comp.setup(self._params, self._net, loss_fn)
+        if self._micro_batches > 1:
+            for comp in self.components:
+                if _has_gradient_pass(comp) and not comp.gradient_pass_optional:
+                    raise ValueError(
+                        f"gradient.micro_batches: {type(comp).__name__} needs one gradient pass "
+                        "over the whole batch; set micro_batches: 1 (or use a larger batch)"
+                    )
+        #: the :class:`StepInfo` of the last step (for loggers; e.g. Lightning's ``log_dict``)
+        self.last_info: StepInfo | None = None
+        self._grads_left: list[tuple[int, int] | None] | None = None
+        self._observer = BatchObserver(model, loss_fn)
+        self._observer.attach()
+        self._constructed = True
+
+    @property
+    def _micro_batches(self) -> int:
+        return int(getattr(self.gradient, "micro_batches", 1) or 1)
+
+    # -- torch.optim citizenship -----------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group while constructing; afterwards refused (``ValueError``): the
+        components allocated their state for the parameters given at construction."""
+        if self.__dict__.get("_constructed", False):
+            raise ValueError(
+                "add_param_group: a ComposedOptimizer's components allocate their state (moments, "
+                "curvature caches, damping) for the parameters given at construction; build a "
+                "new optimizer with every param group instead, e.g. "
+                "build_optimizer(spec, model, loss_fn, params=[group1, group2])"
+            )
+        super().add_param_group(param_group)
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """``torch.optim``'s per-parameter state: each component's
+        :meth:`~qlrlab.interfaces.Component.param_state` (e.g. Adam's ``exp_avg``), merged per
+        parameter; the tensors are the components' own."""
+        st = self.__dict__["_param_state"]
+        if self.__dict__.get("_constructed", False):
+            for comp in self.components:
+                per_param = comp.param_state()
+                if per_param is not None:
+                    for p, entry in zip(self._params, per_param):
+                        st[p].update(entry)
+        return st
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.__dict__["_param_state"] = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (model, loss, components): ``copy.deepcopy((model, opt))`` and ``pickle``
+        give a working pair that continues identically."""
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+
+    @property
+    def composition(self) -> dict[str, str]:
+        """The components' spec names by family (``direction``, ``curvature``...)."""
+        return {
+            "direction": _component_name(self.direction),
+            "curvature": _component_name(self.curvature) if self.curvature is not None else "none",
+            "step_size": _component_name(self.step_size),
+            "damping": _component_name(self.damping),
+        }
 
     @property
     def components(self) -> list[Any]:
@@ -281,28 +439,59 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, batch: Any = None, closure: Any = None) -> StepInfo:  # type: ignore[override]
-        """One step on ``batch = (inputs, targets)``; returns a :class:`StepInfo`.
+        """One step; returns a :class:`StepInfo` (also kept as :attr:`last_info`).
 
-        Computes the gradient itself (never call ``backward`` before it). The step is a
-        transaction: a rejected or refused step leaves parameters and every component's state
-        as they were (the damping schedule, which decides, keeps its update).
+        Three calling conventions, one result:
+
+        * ``opt.step((inputs, targets))``: computes the loss and gradient itself (through the
+          gradient-transform stage: clipping, micro-batches);
+        * ``opt.step(closure)`` / ``opt.step(closure=closure)``: torch.optim's convention (the
+          closure zeroes the gradients, computes ``loss_fn(model(inputs), targets)``, calls
+          ``backward()`` and returns the loss);
+        * ``loss.backward(); opt.step()``: the gradient already in ``.grad``.
+
+        With the last two the batch is the one that went through the model and the loss module
+        (observed by forward pre-hooks; see :mod:`qlrlab._observe`) and the gradient is the
+        caller's (clipped or unscaled as the caller left it); components whose own gradient
+        pass is required (K-FAC) recompute it on that batch.
+
+        The step is a transaction: a rejected or refused step leaves parameters and every
+        component's state as they were (the damping schedule, which decides, keeps its update).
+
+        Raises:
+            TypeError: ``batch`` is neither ``(inputs, targets)`` nor a closure.
+            qlrlab._observe.ObservationError: no batch, or several, observed since the last step.
         """
-        inputs, targets = self._unpack(batch, closure)
+        self._observer.detach()  # the optimiser's own passes are never observed
+        try:
+            b = self._unpack(batch, closure)
+            with optimizer_passes():
+                info = self._run(b)
+        finally:
+            self._observer.clear()
+            self._observer.attach()
+        self.last_info = info
+        return info
+
+    def _run(self, b: _Batch) -> StepInfo:
+        """The transaction of named phases on the step's batch."""
         self._step += 1
         t, lam = self._step, float(self.damping.value)
-        grad = self._gradient(inputs, targets)  # 1. f(θ), g
+        grad = self._gradient(b)  # 1. f(θ), g (through the gradient-transform stage)
         if grad.status != "ok":  # nothing has run yet
             return self._refuse(None, grad.status, **grad.report())
         may_reject = self.damping.may_reject
         txn = _Transaction(self._stateful(), self._params if may_reject else None)
-        ctx = self._bind_curvature(grad, inputs, targets, lam)  # 2. C bound at θ
-        ctx.direction = d = self.direction.compute(ctx.grads, ctx)  # 3. d
-        proposal = self.step_size.propose(ctx)  # 4. α (or δ)
-        update = self._update(d, proposal)  # 5. δ = -α d · lr
+        with autocast_off():  # the quadratic model in the parameters' dtype under AMP
+            ctx = self._bind_curvature(grad, b.inputs, b.targets, lam)  # 2. C bound at θ
+            ctx.direction = d = self.direction.compute(ctx.grads, ctx)  # 3. d
+            proposal = self.step_size.propose(ctx)  # 4. α (or δ)
+            update = self._update(d, proposal)  # 5. δ = -α d · lr
         if not update.finite:  # refuse: parameters untouched
             return self._refuse(txn, "nonfinite_alpha", **grad.report(), **update.report())
         need_rho = self.track_rho or self.damping.needs_new_loss(t)
-        pred = self._predicted_change(ctx, proposal, update, lam, need_rho)  # ΔM
+        with autocast_off():
+            pred = self._predicted_change(ctx, proposal, update, lam, need_rho)  # ΔM
         new_loss = self._apply(ctx, update, need_rho)  # θ ← θ + δ; f(θ_new)
         rho = self._rho(grad.loss_f, new_loss, pred)  # 6. ρ
         accepted = self.damping.update(rho=rho, loss=grad.loss_f, new_loss=new_loss, step=t)
@@ -317,20 +506,78 @@ class ComposedOptimizer(torch.optim.Optimizer):
         )  # fmt: skip
 
     # -- the phases, in step order ----------------------------------------------------------------
-    @staticmethod
-    def _unpack(batch: Any, closure: Any) -> tuple[Any, Any]:
-        if closure is not None or batch is None:
-            raise TypeError(
-                "ComposedOptimizer.step takes the batch: opt.step((inputs, targets)); "
-                "it computes the loss and gradient itself (closures are not used)"
+    def _unpack(self, batch: Any, closure: Any) -> _Batch:
+        """The step's batch, by calling convention (runs the closure)."""
+        if closure is None and callable(batch) and not isinstance(batch, (Tensor, nn.Module)):
+            closure, batch = batch, None  # opt.step(closure), positionally
+        if batch is not None:
+            if closure is not None:
+                raise TypeError("ComposedOptimizer.step: pass a batch or a closure, not both")
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(
+                    f"ComposedOptimizer.step expected a batch (inputs, targets), a closure, or "
+                    f"nothing after loss.backward(); got {_describe_arg(batch)}"
+                )
+            self._warn_if_discarding()
+            return _Batch(batch[0], batch[1], "opt.step((inputs, targets))")
+        if closure is not None:
+            convention = "opt.step(closure)"
+            self._observer.clear()
+            self._observer.attach()
+            try:
+                with torch.enable_grad(), contextlib.ExitStack() as stack:
+                    if self._net is self.model and self._micro_batches == 1:
+                        # optional passes (the GGN fast path's recorder) can watch the
+                        # closure's forward: the observer's pre-hook makes them use hooks
+                        for c in self.components:
+                            if _has_gradient_pass(c) and c.gradient_pass_optional:
+                                stack.enter_context(c.gradient_pass(self._net))
+                    returned = closure()
+            finally:
+                self._observer.detach()
+        else:
+            convention, returned = "opt.step()", None
+        seen = self._observer.take(convention)
+        if all(p.grad is None for p in self._params):
+            raise ObservationError(
+                f"{convention}: the optimised parameters have no gradient; call loss.backward() "
+                f"before {convention} (or let the closure call it)"
             )
-        inputs, targets = batch
-        return inputs, targets
+        loss = seen.loss if seen.loss is not None else returned
+        if not isinstance(loss, Tensor):
+            raise ObservationError(f"{convention}: the loss module did not return a tensor")
+        return _Batch(seen.inputs, seen.targets, convention, loss.detach())
 
-    def _gradient(self, inputs: Any, targets: Any) -> _Gradient:
-        """Phase 1: :math:`f(\\theta)` and :math:`g` on the batch, averaged over data-parallel
-        workers (the one place where the batch's loss and gradient are reduced)."""
-        loss, outputs = self._forward_backward(inputs, targets)
+    def _warn_if_discarding(self) -> None:
+        """``step(batch)`` computes its own gradient: say so when ``.grad`` holds the caller's."""
+        left = self._grads_left
+        for i, p in enumerate(self._params):
+            g = p.grad
+            if g is None:
+                continue
+            mark = None if left is None else left[i]
+            if mark is None or mark[0] != id(g) or mark[1] != g._version:
+                warnings.warn(
+                    "opt.step((inputs, targets)) computes its own gradient and discards the one "
+                    "in .grad; to step with the gradient you computed, call opt.step() after "
+                    "loss.backward() (or opt.step(closure))",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                return
+
+    def _gradient(self, b: _Batch) -> _Gradient:
+        """Phase 1: :math:`f(\\theta)` and :math:`g` on the batch (the optimiser's own pass, or
+        the caller's gradient), averaged over data-parallel workers (the one place where the
+        batch's loss and gradient are reduced), then the gradient-transform stage."""
+        own = b.own or any(
+            _has_gradient_pass(c) and not c.gradient_pass_optional for c in self.components
+        )
+        if own:
+            loss, outputs = self._forward_backward(b.inputs, b.targets)
+        else:
+            assert b.caller_loss is not None
+            loss, outputs = b.caller_loss, None
         if self.grad_all_reduce is not None:
             for p in self._params:  # same layout on every worker
                 if p.grad is None:
@@ -339,25 +586,64 @@ class ComposedOptimizer(torch.optim.Optimizer):
         loss = self.all_reduce(loss)
         params = self._params
         grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
-        loss_f, grad_norm = _floats([loss, norm(grads)])
+        raw = self._clip(grads)
+        loss_f, grad_norm, raw_f = _floats([loss, norm(grads), raw])
         assert loss_f is not None
-        return _Gradient(loss, outputs, grads, loss_f, grad_norm)
+        # identities only (no references: holding the old gradients would change allocation)
+        self._grads_left = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+        return _Gradient(loss, outputs, grads, loss_f, grad_norm, raw_f)
 
-    def _forward_backward(self, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
+    def _clip(self, grads: list[Tensor]) -> Tensor | None:
+        """Clip ``grads`` in place by value, then by global norm (``gradient.clip_value``,
+        ``gradient.clip_norm``; as ``torch.nn.utils.clip_grad_value_`` and ``clip_grad_norm_``);
+        returns the norm before clipping (``None`` when nothing is configured)."""
+        value = getattr(self.gradient, "clip_value", None)
+        max_norm = getattr(self.gradient, "clip_norm", None)
+        if value is None and max_norm is None:
+            return None
+        raw = norm(grads)
+        with torch.no_grad():
+            if value is not None:
+                torch._foreach_clamp_min_(grads, -value)
+                torch._foreach_clamp_max_(grads, value)
+            if max_norm is not None:
+                total = raw if value is None else norm(grads)
+                coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef)
+        return raw
+
+    def _forward_backward(self, inputs: Any, targets: Any) -> tuple[Tensor, Tensor | None]:
         """Zero the gradients, then forward and backward under the components'
         ``gradient_pass`` contexts; returns the detached loss and outputs."""
         for group in self.param_groups:  # zero_grad(set_to_none=True) minus its profiler scope
             for p in group["params"]:
                 p.grad = None
-        comps = [c for c in self.components if _has_gradient_pass(c)]  # skip default no-ops
+        k = self._micro_batches
+        comps = [  # skip default no-ops, and optional passes that cannot see the whole batch
+            c for c in self.components
+            if _has_gradient_pass(c) and (k == 1 or not c.gradient_pass_optional)
+        ]  # fmt: skip
         with torch.enable_grad(), contextlib.ExitStack() as stack:
-            module = self.model
+            module = self._net
             for comp in comps:
                 module = stack.enter_context(comp.gradient_pass(module))
-            outputs = module(*inputs) if isinstance(inputs, (tuple, list)) else module(inputs)
-            loss = self.loss_fn(outputs, targets)
-            loss.backward()
-        return loss.detach(), outputs.detach()
+            if k == 1:
+                outputs = call_model(module, inputs)
+                loss = self.loss_fn(outputs, targets)
+                loss.backward()
+                return loss.detach(), outputs.detach()
+            # micro-batches: the gradient of the whole (mean-reduced) batch, weighted by rows
+            n = _rows(inputs)
+            total = None
+            for x, y in zip(_split_rows(inputs, k), _split_rows(targets, k)):
+                rows = _rows(x)
+                if rows == 0:
+                    continue
+                part = self.loss_fn(call_model(module, x), y) * (rows / n)
+                part.backward()
+                total = part.detach() if total is None else total + part.detach()
+        assert total is not None
+        return total, None
 
     def _bind_curvature(
         self, grad: _Gradient, inputs: Any, targets: Any, lam: float
@@ -365,7 +651,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         """Phase 2: the step's :class:`~qlrlab.interfaces.StepContext`, with the curvature
         oracle bound to (model, loss, batch) at :math:`\\theta`."""
         problem = Problem(
-            model=self.model, loss_fn=self.loss_fn, inputs=inputs, targets=targets,
+            model=self._net, loss_fn=self.loss_fn, inputs=inputs, targets=targets,
             params=self._params, param_names=self._names, outputs=grad.outputs, loss=grad.loss,
         )  # fmt: skip
         bound = self.curvature.bind(problem) if self.curvature is not None else None
@@ -447,7 +733,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             torch._foreach_add_(self._params, update.delta)
         if need_new_loss and new_loss is None:
-            with torch.no_grad(), side_effect_free(self.model):
+            with torch.no_grad(), side_effect_free(self._net, keep_autocast=True):
                 new_loss = self.loss_fn(ctx.problem.call_model(), ctx.problem.targets)
         return None if new_loss is None else _f(self.all_reduce(new_loss))
 
@@ -481,7 +767,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Standard optimiser state plus every component's state under ``"qlrlab"``."""
         sd = super().state_dict()
+        # the per-parameter view of opt.state holds the components' own tensors, saved below
+        sd["state"] = {}
         sd["qlrlab"] = {
+            "composition": self.composition,
             "step": self._step,
             "direction": clone_state(self.direction.state_dict()),
             "curvature": clone_state(self.curvature.state_dict()) if self.curvature else {},
@@ -491,9 +780,23 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (λ and counters included)."""
+        """Restore what :meth:`state_dict` saved (λ and counters included).
+
+        Raises:
+            ValueError: the state was saved by a different composition (naming both).
+        """
         sd = dict(state_dict)
         extra = sd.pop("qlrlab", None)
+        if extra is not None:
+            saved = extra.get("composition")
+            if saved is not None and dict(saved) != self.composition:
+                fmt = ", ".join
+                raise ValueError(
+                    "load_state_dict: the state was saved by an optimizer composed of "
+                    f"{fmt(f'{k}={v}' for k, v in saved.items())}, but this one is "
+                    f"{fmt(f'{k}={v}' for k, v in self.composition.items())}; build the "
+                    "optimizer from the same spec (or preset) before loading"
+                )
         super().load_state_dict(sd)
         if extra is None:
             return

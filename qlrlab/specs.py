@@ -23,18 +23,46 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
+    SerializerFunctionWrapHandler,
     create_model,
+    model_serializer,
     model_validator,
 )
 
 from qlrlab.registry import CURVATURES, DAMPINGS, DIRECTIONS, STEP_SIZES, ComponentSpec, Registry
 
-__all__ = ["OptimizerSpec", "optimizer_json_schema"]
+__all__ = ["GradientSpec", "OptimizerSpec", "optimizer_json_schema"]
 
 DirectionField = Annotated[SerializeAsAny[ComponentSpec], BeforeValidator(DIRECTIONS.validate)]
 CurvatureField = Annotated[SerializeAsAny[ComponentSpec], BeforeValidator(CURVATURES.validate)]
 StepSizeField = Annotated[SerializeAsAny[ComponentSpec], BeforeValidator(STEP_SIZES.validate)]
 DampingField = Annotated[SerializeAsAny[ComponentSpec], BeforeValidator(DAMPINGS.validate)]
+
+
+class GradientSpec(BaseModel):
+    """The gradient-transform stage, between the gradient pass and the direction.
+
+    Attributes:
+        clip_norm: rescale the gradient to at most this global L2 norm
+            (``torch.nn.utils.clip_grad_norm_``); ``None``: off.
+        clip_value: clamp every gradient entry to ``[-clip_value, clip_value]``
+            (``torch.nn.utils.clip_grad_value_``), applied before ``clip_norm``; ``None``: off.
+        micro_batches: ``step((inputs, targets))`` splits the batch into this many micro-batches
+            along dimension 0 and accumulates their gradients, weighted by size, into the
+            gradient of the whole batch (mean-reduced losses); the curvature and
+            :math:`\rho` use the whole batch (the GGN on the general path).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    clip_norm: float | None = Field(None, gt=0.0)
+    clip_value: float | None = Field(None, gt=0.0)
+    micro_batches: int = Field(1, ge=1)
+
+    @property
+    def clips(self) -> bool:
+        """Whether any clipping is configured."""
+        return self.clip_norm is not None or self.clip_value is not None
 
 
 def _default_damping() -> ComponentSpec:
@@ -51,6 +79,7 @@ class OptimizerSpec(BaseModel):
         damping: damping schedule spec (default: ``constant`` 0).
         track_rho: evaluate :math:`f(\\theta_{new})` and :math:`\\rho` every step even when no
             component needs them (one extra forward pass; for logging studies).
+        gradient: the gradient-transform stage (clipping, micro-batch accumulation).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -60,6 +89,16 @@ class OptimizerSpec(BaseModel):
     step_size: StepSizeField = Field(default_factory=lambda: STEP_SIZES.validate("fixed"))
     damping: DampingField = Field(default_factory=_default_damping)
     track_rho: bool = False
+    gradient: GradientSpec = Field(default_factory=GradientSpec)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_gradient(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the stage added later is left out while it does nothing, so that dumps and run
+        # hashes of existing specs stay as they were
+        data = handler(self)
+        if self.gradient == GradientSpec() and isinstance(data, dict):
+            data.pop("gradient", None)
+        return data
 
     @model_validator(mode="after")
     def _check_compatibility(self) -> OptimizerSpec:
@@ -113,5 +152,6 @@ def optimizer_json_schema() -> dict[str, Any]:
         step_size=(_union(STEP_SIZES), {"name": "fixed"}),
         damping=(_union(DAMPINGS), {"name": "constant", "value": 0.0}),
         track_rho=(bool, False),
+        gradient=(GradientSpec, GradientSpec()),
     )
     return model.model_json_schema()

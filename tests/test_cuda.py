@@ -308,11 +308,8 @@ _AUTOCAST_BUG = (
     [
         ("adam", None),
         ("adamqlr", "jvp"),
-        pytest.param(
-            "adamqlr", "own",
-            marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=_AUTOCAST_BUG),
-        ),
-        pytest.param(
+        ("adamqlr", "own"),  # fixed by issue 13 (float32 curvature under autocast)
+        pytest.param(  # K-FAC's factors under autocast: issue 14
             "kfac", None,
             marks=pytest.mark.xfail(raises=RuntimeError, strict=True, reason=_AUTOCAST_BUG),
         ),

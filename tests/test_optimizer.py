@@ -152,8 +152,8 @@ def test_nonfinite_alpha_leaves_parameters_untouched() -> None:
 def test_step_requires_a_batch() -> None:
     model = nn.Linear(2, 1)
     opt = qlrlab.build_optimizer(qlrlab.presets.adam(), model, HalfMSELoss())
-    with pytest.raises(TypeError, match=r"opt.step\(\(inputs, targets\)\)"):
-        opt.step()
+    with pytest.raises(qlrlab.ObservationError, match=r"opt.step\(\(inputs, targets\)\)"):
+        opt.step()  # nothing observed: no forward since the last step
 
 
 def test_step_computes_its_own_gradient() -> None:

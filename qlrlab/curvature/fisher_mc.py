@@ -50,10 +50,16 @@ def check_outer_loss(loss_fn: nn.Module, owner: str) -> None:
     ):
         if getattr(loss_fn, "reduction", "mean") in ("mean", "sum"):
             return
-    raise ValueError(
+    from qlrlab.losses import UnsupportedLossError, _zero_hessian_hint
+
+    alt = (
+        "use curvature: {name: hessian}"
+        if _zero_hessian_hint(loss_fn) is not None
+        else "use curvature: {name: ggn} or {name: hessian}"
+    )
+    raise UnsupportedLossError(
         f"curvature {owner!r} supports CrossEntropyLoss, MSELoss, HalfMSELoss and "
-        f"BCEWithLogitsLoss (mean or sum, without class weights), not {loss_fn!r}; "
-        f"use curvature: ggn"
+        f"BCEWithLogitsLoss (mean or sum, without class weights), not {loss_fn!r}; {alt}"
     )
 
 
@@ -145,8 +151,8 @@ class FisherMCOracle(CurvatureOracle):
                 FisherMCLinearOperator, seed=seed, mc_samples=self.spec.mc_samples
             )
             return CurvlinopsBound(problem, op)
-        x = problem.inputs[0] if isinstance(problem.inputs, (tuple, list)) else problem.inputs
-        gen = torch.Generator(device=x.device)
+        device = problem.params[0].device if problem.params else torch.device("cpu")
+        gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         fn = functools.partial(
             mc_factors, problem.loss_fn, problem.targets, self.spec.mc_samples, gen

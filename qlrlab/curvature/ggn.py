@@ -24,16 +24,17 @@ Back-ends (``GGNSpec.backend``):
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from qlrlab._passes import functional_forward, side_effect_free
+from qlrlab._passes import autocast_off, functional_forward, side_effect_free
 from qlrlab.curvature import _fastpath
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
-from qlrlab.losses import loss_value, output_hvp, output_quadratic_form
+from qlrlab.losses import check_output_hessian, loss_value, output_hvp, output_quadratic_form
 from qlrlab.registry import CURVATURES, ComponentSpec
 
 __all__ = ["BoundGGN", "FastBoundGGN", "GGNOracle", "GGNSpec"]
@@ -133,11 +134,13 @@ class FastBoundGGN(BoundGGN):
 
     def __init__(self, problem: Problem, chain: list[_fastpath.Record]) -> None:
         super().__init__(problem)
+        if problem.params:
+            _upcast_records(chain, problem.params[0].dtype)
         self.fast = _fastpath.ChainTangents(chain, problem.params)
 
     def jvp(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Outputs :math:`z` and :math:`u = Jv` from the cached activations."""
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off():
             z, u = self.fast.tangent(v)
         self._z = z
         return z, u
@@ -152,10 +155,28 @@ class FastBoundGGN(BoundGGN):
             return loss_value(self.problem.loss_fn, z, self.problem.targets).detach()
 
 
+def _upcast_records(chain: list[_fastpath.Record], dtype: torch.dtype) -> None:
+    """Cast the cached activations of an autocast gradient pass (bfloat16/float16) to the
+    parameters' dtype, so that the tangents, :math:`d^\top G d` and :math:`f(\theta-\alpha d)`
+    are computed in it (a no-op without autocast)."""
+    for r in chain:
+        for name in ("x", "y"):
+            t = getattr(r, name)
+            if t is not None and t.is_floating_point() and t.dtype != dtype:
+                setattr(r, name, t.to(dtype))
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (without importing dynamo)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
+
+
 class GGNOracle(CurvatureOracle):
     """Binds :class:`FastBoundGGN`, :class:`BoundGGN` or the curvlinops ``GGNLinearOperator``."""
 
     spec: GGNSpec
+    gradient_pass_optional = True
 
     def __init__(self, spec: GGNSpec | None = None) -> None:
         super().__init__(spec or GGNSpec())
@@ -165,9 +186,12 @@ class GGNOracle(CurvatureOracle):
         self.fast_unsupported: str | None = None
         #: which path the last :meth:`bind` chose: ``"fast"``, ``"jvp"`` or ``"curvlinops"``.
         self.last_path: str | None = None
+        #: why the last :meth:`bind` did not take the fast path (``None`` when it did).
+        self.last_fallback: str | None = None
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
         """Check the loss/model are supported by the chosen back-end; decide on the fast path."""
+        check_output_hessian(loss_fn, "ggn")
         if self.spec.backend == "curvlinops":
             from qlrlab.curvature._curvlinops import check_curvlinops_support
 
@@ -175,6 +199,11 @@ class GGNOracle(CurvatureOracle):
         self._fast = False
         if self.spec.backend in ("own", "fast"):
             self.fast_unsupported = _fastpath.fast_path_unsupported(model, params)
+            if _is_compiled(model):
+                self.fast_unsupported = (
+                    "the model is wrapped by torch.compile (dynamo would trace the fast path's "
+                    "recording hooks); the curvature uses the torch.func path"
+                )
             if self.fast_unsupported is not None and self.spec.backend == "fast":
                 raise ValueError(
                     f"curvature.backend: fast: {self.fast_unsupported}; use backend: own "
@@ -208,9 +237,18 @@ class GGNOracle(CurvatureOracle):
         if rec is not None:
             chain = rec.chain()
             if chain is not None:
-                self.last_path = "fast"
+                self.last_path, self.last_fallback = "fast", None
                 return FastBoundGGN(problem, chain)
             if self.spec.backend == "fast":
                 raise RuntimeError(f"curvature.backend: fast: {rec.failure}; use backend: own")
         self.last_path = "jvp"
+        if rec is not None:
+            self.last_fallback = rec.failure
+        elif self._fast:
+            self.last_fallback = (
+                "the gradient pass was not recorded: it ran in the caller's code "
+                "(step(closure) or loss.backward(); step()) or in micro-batches"
+            )
+        else:
+            self.last_fallback = self.fast_unsupported
         return BoundGGN(problem)

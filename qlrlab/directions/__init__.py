@@ -13,6 +13,7 @@ from qlrlab.directions.kfac import KFACDirection, KFACSpec
 from qlrlab.directions.lbfgs import LBFGSDirection, LBFGSSpec
 from qlrlab.directions.newton_cg import NewtonCGDirection, NewtonCGSpec
 from qlrlab.directions.sgd import SGDDirection, SGDSpec
+from qlrlab.directions.torch_optim import TorchOptimDirection, TorchOptimSpec
 
 __all__ = [
     "AdaFisherDirection",
@@ -31,4 +32,6 @@ __all__ = [
     "NewtonCGSpec",
     "SGDDirection",
     "SGDSpec",
+    "TorchOptimDirection",
+    "TorchOptimSpec",
 ]

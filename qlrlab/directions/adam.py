@@ -171,6 +171,13 @@ class AdamDirection(DirectionProvider):
             torch._foreach_add_(d, ctx.problem.params, alpha=s.weight_decay)
         return d
 
+    def param_state(self) -> list[dict[str, Any]]:
+        """``step``, ``exp_avg`` and ``exp_avg_sq`` per parameter (``torch.optim.Adam``'s keys)."""
+        return [
+            {"step": self.step, "exp_avg": m, "exp_avg_sq": v}
+            for m, v in zip(self.exp_avg, self.exp_avg_sq)
+        ]
+
     def state_dict(self) -> dict[str, Any]:
         """``step`` and the two moment lists."""
         return {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

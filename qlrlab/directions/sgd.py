@@ -87,6 +87,12 @@ class SGDDirection(DirectionProvider):
             return g
         return [b.clone() for b in self.buffers]
 
+    def param_state(self) -> list[dict[str, Any]] | None:
+        """``momentum_buffer`` per parameter (``torch.optim.SGD``'s key), once there is one."""
+        if self.buffers is None:
+            return None
+        return [{"momentum_buffer": b} for b in self.buffers]
+
     def state_dict(self) -> dict[str, Any]:
         """The momentum buffers (``None`` before the first step)."""
         return {"buffers": self.buffers}

@@ -16,7 +16,8 @@ defaults.
 Attention defaults to an explicit ("math") implementation, which supports forward-mode AD
 (``torch.func.jvp``, needed by the GGN/Fisher curvature) and double backward (Hessian);
 ``attention="sdpa"`` uses :func:`torch.nn.functional.scaled_dot_product_attention`, faster for
-long sequences but without forward-mode AD on CPU.
+long sequences; its fused kernels lack forward-mode AD, so qlrlab's own extra passes select the
+math kernel (:func:`qlrlab._passes.differentiable_attention`) and the two give the same steps.
 """
 
 from __future__ import annotations

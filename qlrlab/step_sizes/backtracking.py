@@ -72,7 +72,7 @@ class BacktrackingStepSize(StepSizeRule):
         f0 = float(pr.loss) if pr.loss is not None else float("nan")
         alpha = s.initial if self.last is None else min(s.max_lr, s.grow * self.last)
         base = [p.detach() for p in pr.params]
-        with side_effect_free(pr.model):
+        with side_effect_free(pr.model, keep_autocast=True):
             for trial in range(s.max_iter):
                 trial_params = [p - alpha * t for p, t in zip(base, d)]
                 out = functional_forward(pr.model, pr.param_names, trial_params, pr.inputs)
