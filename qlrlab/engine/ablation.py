@@ -8,7 +8,6 @@ their checkpoint when there is one), and a run that fails or diverges never stop
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import threading
@@ -178,9 +177,11 @@ def _worker(spec_json: dict[str, Any], root: str, labels: dict[str, Any], thread
     return res.hash, res.status, res.summary.get("error")
 
 
-def ensure_ray(address: str | None) -> bool:
+def ensure_ray(address: str | None, env: dict[str, str] | None = None) -> bool:
     """Connect to (or start) Ray unless it is already initialised; returns whether it started
-    it here (the caller then shuts it down). Workers import the ``--plugin`` modules.
+    it here (the caller then shuts it down). The job carries ``env`` (default:
+    :func:`qlrlab.engine.cluster.job_environment`) as its runtime environment, so workers see the
+    driver's data directory, mirror and ``--plugin`` modules, not their node's.
 
     Raises:
         SpecError: Ray is not installed.
@@ -193,21 +194,29 @@ def ensure_ray(address: str | None) -> bool:
         ) from None
     if ray.is_initialized():
         return False
+    from qlrlab.engine.cluster import job_environment
+
     ray.init(
         address=address,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env=_plugin_runtime_env(),
+        logging_level="WARNING",
+        runtime_env={"env_vars": dict(env if env is not None else job_environment())},
     )
     return True
 
 
-def _plugin_runtime_env() -> dict[str, Any] | None:
-    """Ray runtime environment that makes workers import the ``--plugin`` modules."""
-    from qlrlab.plugins import ENV_VAR
+def _ray_worker(
+    spec_json: dict[str, Any], root: str, labels: dict[str, Any], env: dict[str, str]
+) -> tuple:
+    """:func:`_worker` on a Ray node, with the driver's settings; a failure names the node."""
+    from qlrlab.engine.cluster import apply_job_environment, node_label
 
-    plugins = os.environ.get(ENV_VAR)
-    return {"env_vars": {ENV_VAR: plugins}} if plugins else None
+    apply_job_environment(env)
+    h, status, error = _worker(spec_json, root, labels, int(env.get("OMP_NUM_THREADS", "1")))
+    if error:
+        error = f"on node {node_label()}: {error}"
+    return h, status, error
 
 
 def _use_bars(quiet: bool) -> bool:
@@ -325,16 +334,28 @@ def _run_ray(
 ) -> None:
     import ray
 
-    started = ensure_ray(address)
+    from qlrlab.engine.cluster import check_cluster, job_environment
+
+    if not todo:
+        return
+    env = job_environment(threads)
+    started = ensure_ray(address, env)
     try:
-        remote = ray.remote(num_cpus=threads)(_worker)
-        refs = [
-            remote.remote(p.spec.model_dump(mode="json"), str(store.root), p.labels, threads)
+        check_cluster(env, [p.spec for p in todo], store.root)
+        remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_worker)
+        refs = {
+            remote.remote(p.spec.model_dump(mode="json"), str(store.root), p.labels, env): p
             for p in todo
-        ]
-        while refs:
-            done, refs = ray.wait(refs, num_returns=1)
-            h, status, error = ray.get(done[0])
+        }
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                h, status, error = ray.get(done[0])
+            except ray.exceptions.RayError as exc:  # the worker itself died, not the run
+                lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                h, status = refs[done[0]].hash, "failed"
+                error = f"{type(exc).__name__}: {lines[-1] if lines else exc}"
             record(h, status, error)
     finally:
         if started:
