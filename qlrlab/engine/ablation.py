@@ -177,11 +177,14 @@ def _worker(spec_json: dict[str, Any], root: str, labels: dict[str, Any], thread
     return res.hash, res.status, res.summary.get("error")
 
 
-def ensure_ray(address: str | None, env: dict[str, str] | None = None) -> bool:
+def ensure_ray(address: str | None) -> bool:
     """Connect to (or start) Ray unless it is already initialised; returns whether it started
-    it here (the caller then shuts it down). The job carries ``env`` (default:
-    :func:`qlrlab.engine.cluster.job_environment`) as its runtime environment, so workers see the
-    driver's data directory, mirror and ``--plugin`` modules, not their node's.
+    it here (the caller then shuts it down).
+
+    The job carries no runtime environment: each remote function receives the driver's settings
+    (:func:`qlrlab.engine.cluster.job_environment`) as an argument and applies them itself, so
+    that the cluster's pre-started worker processes can be used and a Ray session the caller
+    initialised gets the same settings.
 
     Raises:
         SpecError: Ray is not installed.
@@ -194,15 +197,7 @@ def ensure_ray(address: str | None, env: dict[str, str] | None = None) -> bool:
         ) from None
     if ray.is_initialized():
         return False
-    from qlrlab.engine.cluster import job_environment
-
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": dict(env if env is not None else job_environment())},
-    )
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     return True
 
 
@@ -339,7 +334,7 @@ def _run_ray(
     if not todo:
         return
     env = job_environment(threads)
-    started = ensure_ray(address, env)
+    started = ensure_ray(address)
     try:
         check_cluster(env, [p.spec for p in todo], store.root)
         remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_worker)

@@ -458,7 +458,7 @@ def _tune_ray(
         "root": str(store.root),
         "env": env,
     }
-    started = ensure_ray(address, env)
+    started = ensure_ray(address)
     try:
         check_cluster(env, [base], store.root)  # before any trial: versions, data, output
         trainable = tune.with_resources(tune.with_parameters(_ray_trainable, ctx=ctx), {"cpu": 1})
