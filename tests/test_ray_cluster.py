@@ -32,7 +32,7 @@ from qlrlab.engine.cluster import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 300
+STEPS = 200
 
 # Ray turns 127.0.0.1 into the machine's address unless it runs in single-machine mode; the
 # test cluster stays on the loopback interface, unauthenticated (nothing else can reach it).
@@ -94,7 +94,7 @@ def ray_head() -> Iterator[str]:
         pytest.fail(f"the ray command is missing beside {sys.executable}")
     tmp = tempfile.mkdtemp(prefix="qlr-ray-", dir="/tmp")  # short: Unix socket paths
     port = _free_port()
-    env = _driver_env(None)
+    env = {**_driver_env(None), "RAY_TMPDIR": tmp}  # its address file stays out of /tmp/ray
     log = open(Path(tmp) / "head.log", "w+")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -130,7 +130,7 @@ def _write(path: Path, data: dict) -> Path:
 
 
 BASE = {
-    "task": {"name": "uci_protein", "subset": 512, "download": False, "eval_subset": 256},
+    "task": {"name": "uci_protein", "subset": 256, "download": False, "eval_subset": 256},
     "optimizer": "adam",
     "batch_size": 64,
     "budget": {"steps": STEPS},

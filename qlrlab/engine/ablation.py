@@ -197,7 +197,19 @@ def ensure_ray(address: str | None) -> bool:
         ) from None
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        ray.init(
+            address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+        )
+    except ConnectionError as exc:  # no cluster there, or its token is missing
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        raise SpecError(
+            f"cannot connect to the Ray cluster at {address}: {lines[-1] if lines else exc}",
+            field="--address",
+            fix="start it with 'ray start --head', pass its HEAD_IP:PORT (or auto); if the "
+            "cluster uses token authentication, set RAY_AUTH_MODE=token and make its token "
+            "available (~/.ray/auth_token or RAY_AUTH_TOKEN)",
+        ) from None
     return True
 
 
