@@ -10,6 +10,7 @@ schedule from a validated spec, and train with it as one ``torch.optim.Optimizer
 """
 
 from qlrlab import curvature, damping, directions, presets, step_sizes
+from qlrlab.build import build_optimizer
 from qlrlab.interfaces import (
     BoundCurvature,
     CurvatureOracle,
@@ -21,7 +22,7 @@ from qlrlab.interfaces import (
     StepSizeRule,
 )
 from qlrlab.losses import HalfMSELoss
-from qlrlab.optimizer import ComposedOptimizer, StepInfo, build_optimizer
+from qlrlab.optimizer import ComposedOptimizer, StepInfo
 from qlrlab.registry import CURVATURES, DAMPINGS, DIRECTIONS, STEP_SIZES, ComponentSpec, Registry
 from qlrlab.specs import OptimizerSpec, optimizer_json_schema
 

@@ -242,7 +242,7 @@ def build_distributed_optimizer(
         sync_initial_parameters: broadcast rank 0's parameters and buffers first (DDP does
             this itself).
     """
-    from qlrlab.optimizer import build_optimizer
+    from qlrlab.build import build_optimizer
 
     if not is_distributed():
         return build_optimizer(spec, model, loss_fn, params)

@@ -41,12 +41,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from qlrlab._state import clone_state
+
 __all__ = [
     "BoundCurvature",
     "Component",
     "CurvatureOracle",
     "DampingSchedule",
     "DirectionProvider",
+    "NoDamping",
     "Problem",
     "Proposal",
     "StepContext",
@@ -181,6 +184,22 @@ class Component:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state produced by :meth:`state_dict`."""
 
+    def snapshot(self) -> Any:
+        """This component's state as a value, taken before the step touches it.
+
+        The optimiser takes one from every component at the start of each step (after the
+        gradient) and hands it back to :meth:`restore` when the step is rejected or refused, so
+        the step is a transaction: committed as a whole or not at all. The default is a deep copy
+        of :meth:`state_dict`, which is exact whenever :meth:`state_dict` is complete; override
+        both together for something cheaper.
+        """
+        return clone_state(self.state_dict())
+
+    def restore(self, snapshot: Any) -> None:
+        """Return exactly to the state :meth:`snapshot` captured (default:
+        :meth:`load_state_dict`)."""
+        self.load_state_dict(snapshot)
+
 
 class DirectionProvider(Component, ABC):
     """Produces an update direction :math:`d` from the gradient; the step is
@@ -240,7 +259,15 @@ class CurvatureOracle(Component, ABC):
 
 
 class StepSizeRule(Component, ABC):
-    """Chooses the step size :math:`\\alpha` (and possibly a full update) for a direction."""
+    """Chooses the step size :math:`\\alpha` (and possibly a full update) for a direction.
+
+    Attributes:
+        initial_group_lr: the ``lr`` the optimiser writes into every param group at
+            construction; it multiplies :math:`\\alpha` (``fixed`` puts its learning rate there,
+            so ``torch.optim.lr_scheduler`` schedules act on it). Default 1.
+    """
+
+    initial_group_lr: float = 1.0
 
     @abstractmethod
     def propose(self, ctx: StepContext) -> Proposal:
@@ -253,8 +280,9 @@ class DampingSchedule(Component, ABC):
     Attributes:
         rho_model: which quadratic model :math:`\\rho` divides by, ``"damped"``
             (:math:`C + \\lambda I`, AdamQLR) or ``"undamped"`` (:math:`C`, kfac-jax).
-        may_reject: if ``True`` the optimiser snapshots parameters and direction state each
-            step so that :meth:`update` may reject the step (``accept_reject``).
+        may_reject: if ``True`` the optimiser also copies the parameters each step (the
+            components' state is always snapshotted) so that :meth:`update` may reject the
+            step (``accept_reject``).
     """
 
     rho_model: Literal["damped", "undamped"] = "damped"
@@ -275,3 +303,16 @@ class DampingSchedule(Component, ABC):
 
     def on_nonfinite(self) -> None:
         """Called when the loss or :math:`\\alpha` was non-finite (default: do nothing)."""
+
+
+class NoDamping(DampingSchedule):
+    """:math:`\\lambda = 0` throughout: the schedule of an optimiser built without one."""
+
+    @property
+    def value(self) -> float:
+        """Always 0."""
+        return 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The constant value (as ``constant`` damping saves it)."""
+        return {"value": 0.0}

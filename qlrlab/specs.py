@@ -89,12 +89,6 @@ class OptimizerSpec(BaseModel):
         text = Path(source).read_text() if _is_path(source) else str(source)
         return cls.model_validate(yaml.safe_load(text))
 
-    def build(self, model: Any, loss_fn: Any, params: Any = None) -> Any:
-        """Shorthand for :func:`qlrlab.build_optimizer`."""
-        from qlrlab.optimizer import build_optimizer
-
-        return build_optimizer(self, model, loss_fn, params)
-
 
 def _is_path(source: str | Path) -> bool:
     if isinstance(source, Path):

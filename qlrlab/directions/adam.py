@@ -73,15 +73,35 @@ class AdamDirection(DirectionProvider):
         self._shapes: list[torch.Size] = []
         self._numels: list[int] = []
         self._step_t: Tensor | None = None
+        #: both moments as views of this one buffer when the parameters allow (cheap snapshots)
+        self._flat: Tensor | None = None
 
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
-        """Allocate zero moments shaped like ``params``."""
-        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        """Allocate zero moments shaped like ``params`` (views of one flat buffer when every
+        parameter is a dense contiguous tensor of one dtype on one device)."""
         self.step = 0
         self._shapes = [p.shape for p in params]
         self._numels = [p.numel() for p in params]
         self._step_t = None
+        self._flat = None
+        p0 = params[0] if params else None
+        if p0 is not None and all(
+            p.dtype == p0.dtype
+            and p.device == p0.device
+            and p.layout is torch.strided
+            and p.is_contiguous()
+            for p in params
+        ):
+            n = sum(self._numels)
+            self._flat = torch.zeros(2 * n, dtype=p0.dtype, device=p0.device)
+            views = [
+                t.view(sh) for t, sh in zip(self._flat.split(self._numels * 2), self._shapes * 2)
+            ]
+            self.exp_avg, self.exp_avg_sq = views[: len(params)], views[len(params) :]
+        else:
+            zeros = torch.zeros_like
+            self.exp_avg = [zeros(p, memory_format=torch.preserve_format) for p in params]
+            self.exp_avg_sq = [zeros(p, memory_format=torch.preserve_format) for p in params]
 
     def _can_fuse(self, grads: list[Tensor]) -> bool:
         """Whether :func:`torch._fused_adam_` can compute this step's direction."""
@@ -154,6 +174,21 @@ class AdamDirection(DirectionProvider):
     def state_dict(self) -> dict[str, Any]:
         """``step`` and the two moment lists."""
         return {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def snapshot(self) -> Any:
+        """``step`` and a copy of the moments (one copy of the flat buffer when there is one)."""
+        if self._flat is None:
+            return super().snapshot()
+        return (self.step, self._flat.clone())
+
+    def restore(self, snapshot: Any) -> None:
+        """Back to a :meth:`snapshot`."""
+        if not isinstance(snapshot, tuple):
+            return super().restore(snapshot)
+        self.step = snapshot[0]
+        assert self._flat is not None
+        with torch.no_grad():
+            self._flat.copy_(snapshot[1])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy the saved moments into the existing buffers."""
