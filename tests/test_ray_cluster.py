@@ -371,3 +371,32 @@ def test_optuna_study_whose_trials_all_fail_writes_no_result(
     assert "3 of 3 trials failed; the first: RuntimeError: boom" in err
     assert "and 2 more failed trial(s)" in err and "optimizer.step_size.lr=" in err
     assert not (out / "best.json").exists() and not (out / "report").exists()
+
+
+def test_ablation_prints_the_first_failed_run_once_and_counts_the_rest(
+    tmp_path, one_thread, monkeypatch, capsys
+):
+    from qlrlab.cli import main
+
+    monkeypatch.delenv("QLRLAB_PLUGINS", raising=False)  # restored after the test
+    plugin = tmp_path / "boom_plugin2.py"
+    plugin.write_text(BOOM_PLUGIN.replace("boom_task", "boom_task2"))
+    abl = _write(
+        tmp_path / "abl.yaml",
+        {
+            "name": "boom_ablation",
+            "base": {**BASE, "task": {"name": "boom_task2"}, "budget": {"steps": 5}},
+            "variants": {
+                "adam": "adam",
+                "sgd": {"optimizer": {"preset": "sgd", "args": {"lr": 0.01}}},
+            },
+            "seeds": [0, 1],
+        },
+    )
+    out = tmp_path / "out"
+    rc = main(["ablate", str(abl), "--out", str(out), "-q", "--no-report", "--plugin", str(plugin)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "runs: 4 failed" in err
+    assert err.count("boom: this task always fails") == 1
+    assert "... and 3 more failed run(s)" in err
