@@ -349,7 +349,7 @@ def _run_ray(
     started = ensure_ray(address)
     try:
         check_cluster(env, [p.spec for p in todo], store.root)
-        remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_worker)
+        remote = ray.remote(num_cpus=threads)(_ray_worker)  # a lost node: retried, resumed
         refs = {
             remote.remote(p.spec.model_dump(mode="json"), str(store.root), p.labels, env): p
             for p in todo
