@@ -344,6 +344,17 @@ def test_probe_names_host_and_path_and_versions_are_compared(monkeypatch, tmp_pa
     assert msg.startswith("node 10.0.0.7 (worker-7): torch 2.0.0 differs") and rep["torch"] in msg
 
 
+@pytest.fixture
+def _forget_plugin_tasks() -> Iterator[None]:
+    """The --plugin tasks registered in this process are removed afterwards."""
+    from qlrlab.tasks import TASKS
+
+    yield
+    for name in ("boom_task", "boom_task2"):
+        TASKS.unregister(name)
+
+
+@pytest.mark.usefixtures("_forget_plugin_tasks")
 def test_optuna_study_whose_trials_all_fail_writes_no_result(
     tmp_path, one_thread, monkeypatch, capsys
 ):
@@ -373,6 +384,7 @@ def test_optuna_study_whose_trials_all_fail_writes_no_result(
     assert not (out / "best.json").exists() and not (out / "report").exists()
 
 
+@pytest.mark.usefixtures("_forget_plugin_tasks")
 def test_ablation_prints_the_first_failed_run_once_and_counts_the_rest(
     tmp_path, one_thread, monkeypatch, capsys
 ):
