@@ -29,8 +29,8 @@ from qlrlab.data.paths import ENV_VAR, get_data_dir
 __all__ = [
     "DATASET_FILES",
     "MIRROR_ENV_VAR",
-    "VERIFY_ENV_VAR",
     "REMOTE_FILES",
+    "VERIFY_ENV_VAR",
     "ChecksumError",
     "DataUnavailableError",
     "RemoteFile",
