@@ -64,6 +64,13 @@ def ppid_state(pid: int) -> tuple[int, str] | None:
     return int(f[1]), f[0]
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     st = ppid_state(pid)
     return st is not None and st[1] not in ("Z", "X")
