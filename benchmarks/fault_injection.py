@@ -168,7 +168,7 @@ def sigkills(work: Path, kills: int) -> dict:
             continue
         seen |= descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # not communicate(): orphans would hold its pipes open
         killed += 1
         leaked += survivors_after(seen, 10.0)
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
