@@ -464,15 +464,6 @@ def test_assignment_reports_unsupported_conv_settings():
     assert "groups=2" in a.fallback[0] and "padding='same'" in a.fallback[2]
 
 
-def test_kfac_docs_example_runs():
-    """The Python block of docs/kfac.md runs as written."""
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "kfac.md").read_text()
-    block = text.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(block, "docs/kfac.md", "exec"), {})
-
-
 def test_kfac_damping_ignores_rho_below_the_loss_resolution():
     """At the loss floor f_new == f (float32 rounding): rho = 0 must not raise lambda (it ran
     away to 1e18 on UCI Energy); min_relative_change = 0 restores kfac-jax's rule."""
