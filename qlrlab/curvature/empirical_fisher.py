@@ -79,6 +79,8 @@ class EmpiricalFisherSpec(ComponentSpec):
 class EmpiricalFisherOracle(CurvatureOracle):
     """Binds the empirical Fisher of each batch."""
 
+    reference = "empirical_fisher"
+
     spec: EmpiricalFisherSpec
 
     def __init__(self, spec: EmpiricalFisherSpec | None = None) -> None:

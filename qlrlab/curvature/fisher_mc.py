@@ -118,6 +118,8 @@ class FisherMCSpec(ComponentSpec):
 class FisherMCOracle(CurvatureOracle):
     """Binds a fresh Monte-Carlo Fisher per batch; state: the number of batches bound."""
 
+    data_parallel_exact = False  # each worker samples its own targets
+
     spec: FisherMCSpec
 
     def __init__(self, spec: FisherMCSpec | None = None) -> None:

@@ -151,6 +151,8 @@ class FastBoundGGN(BoundGGN):
 class GGNOracle(CurvatureOracle):
     """Binds :class:`FastBoundGGN`, :class:`BoundGGN` or the curvlinops ``GGNLinearOperator``."""
 
+    reference = "ggn"
+
     spec: GGNSpec
 
     def __init__(self, spec: GGNSpec | None = None) -> None:

@@ -77,6 +77,8 @@ class BoundHessian(BoundCurvature):
 class HessianOracle(CurvatureOracle):
     """Binds :class:`BoundHessian` (own back-end) or curvlinops ``HessianLinearOperator``."""
 
+    reference = "hessian"
+
     spec: HessianSpec
 
     def __init__(self, spec: HessianSpec | None = None) -> None:
