@@ -24,7 +24,8 @@ def _free_port() -> int:
 
 
 def _runs(cases: list[Case], distributed: bool) -> list[Any]:
-    from qlrlab.distributed import build_distributed_optimizer, shard
+    from qlrlab.build import build_distributed_optimizer
+    from qlrlab.distributed import shard
 
     out: list[Any] = []
     for case in cases:
