@@ -18,10 +18,33 @@ cross-entropy, the user's own loss included) takes an underflow slow path ten ti
 usual, so the optimisers would no longer be timed on comparable numbers. The table reports each
 model's largest absolute output after the run.
 
+Models (``--models``): ``fmnist_mlp``, ``wide_mlp``, ``uci_mlp``, ``cnn`` (the default CPU grid),
+``resnet18`` (the paper's ImageNet stem) and ``resnet18_cifar`` (3×3 CIFAR stem) on 32×32 images
+with teacher labels, batch 128, and ``gpt_small``: the PTB decoder at reduced width
+(``--gpt-layers``, ``--gpt-width``, ``--gpt-heads``, ``--gpt-vocab``; default 12 × 256, 4 heads,
+vocabulary 10 000) on ``--seq-len`` (70) tokens per sequence, batch 30 sequences, tokens drawn
+from a fixed random Markov chain (learnable, so no optimiser memorises noise). On CUDA the
+default grid adds both ResNet-18 stems and the GPT.
+
+Timing: on the CPU ``time.perf_counter`` around each step; on CUDA **CUDA events** recorded
+around each step (the stream is synchronised before each step, so one optimiser's queued work
+never overlaps another's); ``wall_median_ms`` keeps the host-side clock too.
+
+Host synchronisations (CUDA, or ``--count-syncs``): one extra step per optimiser runs under
+``torch.profiler``; ``item_calls`` counts ``aten::_local_scalar_dense`` (every ``.item()`` /
+``float(tensor)``, on CPU tensors too, such as ``torch.optim.Adam``'s per-parameter step
+counters, which do not synchronise with a GPU), and on CUDA ``cuda_syncs`` counts the runtime's ``cudaStreamSynchronize`` /
+``cudaDeviceSynchronize`` / ``cudaEventSynchronize`` calls and ``d2h_copies`` the device-to-host
+copies; a second extra step runs under ``torch.cuda.set_sync_debug_mode("warn")``, whose
+warnings (``sync_warnings``, with their source lines in ``sync_sites``) name each synchronising
+call.
+
 Peak memory:
 
-* CUDA: ``torch.cuda.max_memory_allocated`` over one step (absolute: parameters, gradients,
-  optimiser state, activations and batch).
+* CUDA: ``torch.cuda.max_memory_allocated`` over one step, minus what was allocated before the
+  step (every optimiser's model lives on the device at once), plus the bytes this optimiser
+  holds between steps (parameters, gradients and optimiser state, as on the CPU); the batch is
+  handled as on the CPU.
 * CPU: PyTorch has no CPU peak counter, so one step runs under ``torch.profiler`` with
   ``profile_memory=True``; the running sum of the allocator's raw allocation/free records
   (``[memory]`` events with their byte counts and timestamps) gives the
@@ -36,6 +59,7 @@ Usage::
     python benchmarks/bench_step.py                  # default grid, 1 thread
     python benchmarks/bench_step.py --models fmnist_mlp --batch-sizes 3200 --steps 50
     python benchmarks/bench_step.py --out benchmarks/results/step   # writes .json and .md
+    python benchmarks/bench_step.py --device cuda --models resnet18 resnet18_cifar gpt_small
 """
 
 from __future__ import annotations
@@ -115,6 +139,23 @@ def _teacher_labels(x: Tensor, classes: int, g: torch.Generator) -> Tensor:
     return (x.flatten(1) @ w).argmax(1)
 
 
+#: the small GPT of ``gpt_small`` (the PTB decoder at reduced width); ``main`` sets it from
+#: ``--gpt-*`` and ``--seq-len``
+GPT_CONFIG: dict[str, int] = {"layers": 12, "width": 256, "heads": 4, "vocab": 10000, "seq": 70}
+
+
+def _markov_tokens(n: int, seq: int, vocab: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` token sequences of length ``seq + 1`` from a fixed random Markov chain (each token
+    has 8 likely successors): inputs are the first ``seq`` tokens, targets the next ones."""
+    succ = torch.randint(vocab, (vocab, 8), generator=g)
+    tok = torch.empty(n, seq + 1, dtype=torch.int64)
+    tok[:, 0] = torch.randint(vocab, (n,), generator=g)
+    for t in range(seq):
+        pick = torch.randint(8, (n,), generator=g)
+        tok[:, t + 1] = succ[tok[:, t], pick]
+    return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+
+
 def make_problem(
     name: str, batch: int, device: torch.device, pool: int = 1
 ) -> tuple[nn.Module, nn.Module, list[Any]]:
@@ -142,12 +183,23 @@ def make_problem(
         model, loss = _mlp([8, 50, 1]), HalfMSELoss()
         x = torch.randn(n, 8, generator=g)
         y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
-    elif name == "resnet18":
+    elif name in ("resnet18", "resnet18_cifar"):
         from qlrlab.models import ResNet18
 
-        model, loss = ResNet18(num_classes=10), nn.CrossEntropyLoss()
+        stem = "cifar" if name == "resnet18_cifar" else "imagenet"
+        model, loss = ResNet18(num_classes=10, stem=stem), nn.CrossEntropyLoss()
         x = torch.randn(n, 3, 32, 32, generator=g)
         y = _teacher_labels(x, 10, g)
+    elif name == "gpt_small":
+        from qlrlab.models import GPT
+
+        c = GPT_CONFIG
+        model = GPT(
+            vocab_size=c["vocab"], n_layer=c["layers"], n_embd=c["width"], n_head=c["heads"],
+            n_positions=c["seq"], flatten_output=True,
+        )  # fmt: skip
+        loss = nn.CrossEntropyLoss()
+        x, y = _markov_tokens(n, c["seq"], c["vocab"], g)
     else:
         raise KeyError(name)
     torch.manual_seed(0)
@@ -155,6 +207,8 @@ def make_problem(
         (x[i * batch : (i + 1) * batch].to(device), y[i * batch : (i + 1) * batch].to(device))
         for i in range(pool)
     ]
+    if name == "gpt_small":  # targets [B, T] -> [B·T], as the flattened logits
+        batches = [(bx, by.reshape(-1)) for bx, by in batches]
     return model.to(device), loss, batches
 
 
@@ -228,13 +282,14 @@ def peak_step_bytes(
     step: Callable[[], Any], model: nn.Module, opt: Any, device: torch.device
 ) -> int:
     """Peak bytes during one step (see the module docstring for the method)."""
+    base = held_bytes(model, opt)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated())
-    base = held_bytes(model, opt)
+        return base + int(torch.cuda.max_memory_allocated()) - before
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -248,6 +303,53 @@ def peak_step_bytes(
         cur += e.nbytes()
         peak = max(peak, cur)
     return base + peak
+
+
+_SYNC_RUNTIME = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def host_syncs(step: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """Host synchronisations in one call of ``step`` (see the module docstring).
+
+    Returns ``item_calls`` (``aten::_local_scalar_dense`` ops: ``.item()``, ``float(t)``), and
+    on CUDA ``cuda_syncs`` (runtime synchronise calls), ``d2h_copies`` (device-to-host memory
+    copies), ``sync_warnings`` (calls flagged by ``torch.cuda.set_sync_debug_mode``) and
+    ``sync_sites`` (their ``file:line``, most frequent first).
+    """
+    import collections
+    import os
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    names = collections.Counter(e.name for e in prof.events())
+    out: dict[str, Any] = {"item_calls": names.get("aten::_local_scalar_dense", 0)}
+    if not cuda:
+        return out
+    # the profiler's own closing synchronisation is not part of the step
+    out["cuda_syncs"] = max(0, sum(names.get(n, 0) for n in _SYNC_RUNTIME) - 1)
+    out["d2h_copies"] = sum(v for k, v in names.items() if "DtoH" in k or "Device -> Pageable" in k)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    flagged = [w for w in caught if "synchroniz" in str(w.message)]
+    sites = collections.Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in flagged)
+    out["sync_warnings"] = len(flagged)
+    out["sync_sites"] = ", ".join(f"{k}×{v}" for k, v in sites.most_common())
+    return out
 
 
 def max_abs_output(model: nn.Module, batch: Any) -> float:
@@ -265,12 +367,15 @@ def bench_case(
     steps: int,
     device: torch.device,
     pool: int | None = None,
+    count_syncs: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Interleaved timing of all ``labels`` on one model × batch size.
 
     Round ``r`` gives every optimiser the same batch, number ``r mod pool`` of ``pool`` distinct
     batches (real data where available; by default as many as the run has steps, up to the
     60 000 training images and at most 64), so that no optimiser memorises a few batches.
+    ``count_syncs`` (default: on CUDA) adds the host-synchronisation counts of
+    :func:`host_syncs` to each row.
     """
     if pool is None:
         pool = min(warmup + steps, 64)
@@ -288,15 +393,29 @@ def bench_case(
             continue
         runs[label] = (step, opt, model)
     times: dict[str, list[float]] = {k: [] for k in runs}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    events: dict[str, list[tuple[Any, Any]]] = {k: [] for k in runs}
     for r in range(steps):
         b = batches[(warmup + r) % pool]
         for label, (step, _, _) in runs.items():
             sync()
             t0 = time.perf_counter()
-            step(b)
+            if cuda:  # CUDA events around the step's work on the stream
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                step(b)
+                e1.record()
+                events[label].append((e0, e1))
+            else:
+                step(b)
             sync()
-            times[label].append(time.perf_counter() - t0)
+            wall[label].append(time.perf_counter() - t0)
+    if cuda:
+        times = {k: [1e-3 * e0.elapsed_time(e1) for e0, e1 in v] for k, v in events.items()}
+    else:
+        times = wall
     med = {k: statistics.median(v) for k, v in times.items()}
     ref_t = med["torch.optim.Adam"]
     ref_mean = statistics.fmean(times["torch.optim.Adam"])
@@ -307,7 +426,14 @@ def bench_case(
         for k, (s, o, m) in runs.items()
     }
     ref_m = mem["torch.optim.Adam"]
-    batch_bytes = 0 if device.type == "cuda" else _tensor_bytes(list(b), set())
+    batch_bytes = _tensor_bytes(list(b), set())
+    if count_syncs is None:
+        count_syncs = cuda
+    syncs = (
+        {k: host_syncs(lambda s=s: s(b), device) for k, (s, _, _) in runs.items()}
+        if count_syncs
+        else {}
+    )
     rows = []
     for label in runs:
         q1, _, q3 = statistics.quantiles(times[label], n=4)
@@ -325,6 +451,9 @@ def bench_case(
             "peak_with_batch_mb": (mem[label] + batch_bytes) / 2**20,
             "mem_with_batch_ratio_to_adam": (mem[label] + batch_bytes) / (ref_m + batch_bytes),
         }
+        row["timing"] = "cuda_events" if cuda else "perf_counter"
+        row["wall_median_ms"] = 1e3 * statistics.median(wall[label])
+        row.update(syncs.get(label, {}))
         opt = runs[label][1]
         row["max_abs_output"] = max_abs_output(runs[label][2], b)
         curv = getattr(opt, "curvature", None)
@@ -375,6 +504,28 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+#: default batch sizes of the models outside the CPU grid (added to the grid on CUDA)
+EXTRA_GRID: dict[str, list[int]] = {"resnet18": [128], "resnet18_cifar": [128], "gpt_small": [30]}
+
+
+def syncs_markdown(rows: list[dict[str, Any]]) -> str:
+    """Host synchronisations per step (rows measured with ``count_syncs``) as a Markdown table."""
+    out = [
+        "| model | batch | optimiser | .item() calls | CUDA syncs | D2H copies | "
+        "sync warnings | where |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "item_calls" not in r:
+            continue
+        out.append(
+            f"| {r['model']} | {r['batch']} | {r['optimizer']} | {r['item_calls']} | "
+            f"{r.get('cuda_syncs', '')} | {r.get('d2h_copies', '')} | "
+            f"{r.get('sync_warnings', '')} | {r.get('sync_sites', '')} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -386,14 +537,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md output")
+    ap.add_argument("--count-syncs", action="store_true", help="count host syncs (CUDA: always)")
+    ap.add_argument("--gpt-layers", type=int, default=GPT_CONFIG["layers"])
+    ap.add_argument("--gpt-width", type=int, default=GPT_CONFIG["width"])
+    ap.add_argument("--gpt-heads", type=int, default=GPT_CONFIG["heads"])
+    ap.add_argument("--gpt-vocab", type=int, default=GPT_CONFIG["vocab"])
+    ap.add_argument("--seq-len", type=int, default=GPT_CONFIG["seq"], help="gpt_small tokens")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    GPT_CONFIG.update(
+        layers=args.gpt_layers, width=args.gpt_width, heads=args.gpt_heads,
+        vocab=args.gpt_vocab, seq=args.seq_len,
+    )  # fmt: skip
     grid = dict(DEFAULT_GRID)
     if device.type == "cuda":
-        grid["resnet18"] = [128]
+        grid.update(EXTRA_GRID)
     if args.models:
-        grid = {m: grid.get(m, [128]) for m in args.models}
+        grid = {m: grid.get(m, EXTRA_GRID.get(m, [128])) for m in args.models}
     labels = ["torch.optim.Adam"] + [
         k
         for k, (p, _) in OPTIMISERS.items()
@@ -403,8 +564,13 @@ def main() -> None:
     for model_name, sizes in grid.items():
         for bs in args.batch_sizes or sizes:
             print(f"== {model_name} batch {bs}", flush=True)
-            rows += bench_case(model_name, bs, labels, args.warmup, args.steps, device)
+            rows += bench_case(
+                model_name, bs, labels, args.warmup, args.steps, device,
+                count_syncs=True if args.count_syncs else None,
+            )  # fmt: skip
     md = to_markdown(rows)
+    if any("item_calls" in r for r in rows):
+        md += "\n\n" + syncs_markdown(rows)
     print(md)
     meta = {
         "torch": torch.__version__,
@@ -415,6 +581,14 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
     }
+    if device.type == "cuda":
+        meta.update(
+            cuda=torch.version.cuda,
+            gpu=torch.cuda.get_device_name(device),
+            timing="cuda_events",
+        )
+    if "gpt_small" in grid:
+        meta["gpt"] = dict(GPT_CONFIG)
     if args.out:
         with open(args.out + ".json", "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

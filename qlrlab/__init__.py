@@ -9,7 +9,8 @@ schedule from a validated spec, and train with it as one ``torch.optim.Optimizer
     info = opt.step((inputs, targets))
 """
 
-from qlrlab import curvature, damping, directions, presets, step_sizes
+# _lifeline first: an ablation worker ties its life to its coordinator before torch loads
+from qlrlab import _lifeline, curvature, damping, directions, presets, step_sizes  # noqa: F401
 from qlrlab.build import build_optimizer
 from qlrlab.interfaces import (
     BoundCurvature,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -47,12 +49,24 @@ def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
 
 def norm(xs: list[Tensor]) -> Tensor:
     """Global Euclidean norm as a 0-d tensor (one fused per-tensor norm; for reporting, where
-    the last bits need not match ``sq_norm(xs).sqrt()``)."""
+    the last bits need not match ``sq_norm(xs).sqrt()``).
+
+    Never overflows while every element is finite: float32 norms accumulate squares in float32,
+    so elements above about 1.8e19 give ``inf`` (a finite gradient would read as non-finite).
+    When the fast result is not finite, the norm is recomputed in float64 (squares up to 1e308)
+    and cast back; it stays ``inf``/``nan`` only when an element is. The check reads one scalar
+    (a host sync on CUDA; the optimiser reads the norm right after anyway).
+    """
     if not xs:
         return torch.zeros(())
     if len(xs) == 1:
-        return torch.linalg.vector_norm(xs[0])
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)))
+        out = torch.linalg.vector_norm(xs[0])
+    else:
+        out = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)))
+    if out.dtype != torch.float64 and not math.isfinite(float(out)):
+        wide = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) for x in xs])
+        out = torch.linalg.vector_norm(wide).to(out.dtype)
+    return out
 
 
 def sq_norm(xs: list[Tensor]) -> Tensor:

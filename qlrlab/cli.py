@@ -2,7 +2,7 @@
 
 Commands::
 
-    qlrlab run RUN.yaml          [--set k=v ...] [--out DIR] [--resume | --overwrite]
+    qlrlab run RUN.yaml          [--set k=v ...] [--out DIR] [--resume | --overwrite] [--threads N]
     qlrlab ablate ABLATION.yaml  [--set k=v ...] [--out DIR] [--resume | --overwrite] [--workers N]
                                  [--backend local|ray] [--address ADDR] [--dry-run]
     qlrlab tune TUNE.yaml        [--set k=v ...] [--out DIR] [--resume | --overwrite]
@@ -17,7 +17,9 @@ data), reported before anything runs; 130 interrupted (a checkpoint is kept; use
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -60,6 +62,16 @@ def _common(p: argparse.ArgumentParser, *, runs: bool = True) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the table and plots")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``qlrlab``."""
     parser = argparse.ArgumentParser(
@@ -71,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train one run", description="Train one run from RUN.yaml.")
     _common(p)
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads for the run (default 1, fastest for small models)",
+    )
     p = sub.add_parser(
         "ablate",
         help="run an ablation (variants x tasks x grid x sweeps x seeds)",
@@ -184,6 +203,40 @@ def _out_dir(args: argparse.Namespace, spec: Any) -> Path:
     return Path("results") / safe_name(spec.name)
 
 
+def _check_out(out: Path, field: str = "--out") -> None:
+    """Create the output directory and check that it is writable, before anything runs."""
+    from qlrlab.engine.specs import SpecError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".qlrlab-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SpecError(
+            f"cannot write the output directory {out}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""),
+            field=field,
+            fix="pass a writable directory with --out DIR (a path whose parents are directories "
+            "you may write)",
+        ) from None
+
+
+def _check_workers(workers: int | None) -> None:
+    from qlrlab.engine.specs import SpecError
+
+    if workers is not None and workers < 1:
+        raise SpecError(
+            f"{workers} worker processes", field="--workers", fix="pass --workers 1 or more"
+        )
+
+
+#: errors of the file system that are the environment's, not a bug: a message, no traceback
+_FS_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
+
+
 def _report(out: Path, quiet: bool) -> None:
     from qlrlab.engine.report import build_report
 
@@ -228,18 +281,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         out = Path(tempfile.mkdtemp(prefix=f"qlrlab-rank{dist_info.rank}-"))
         args.quiet, args.no_report = True, True
+    _check_out(out)
     preflight([spec])
     store = prepare_output(out, resume=args.resume, overwrite=args.overwrite, kind="run")
     labels = {"kind": "run", "task": spec.task["name"], "variant": spec.name, "seed": spec.seed}
     planned = [PlannedRun(labels=labels, spec=spec, hash=run_hash(spec))]
-    store.add_entries(
-        [{"hash": planned[0].hash, "labels": labels}],
-        replace=True,
-        kind="run",
-        name=spec.name,
-        spec=spec.model_dump(mode="json"),
-    )
-    result = execute_planned(planned, store, quiet=args.quiet, desc=spec.name)
+    try:
+        store.add_entries(
+            [{"hash": planned[0].hash, "labels": labels}],
+            replace=True,
+            kind="run",
+            name=spec.name,
+            spec=spec.model_dump(mode="json"),
+        )
+        result = execute_planned(
+            planned, store, quiet=args.quiet, desc=spec.name, threads_per_worker=args.threads
+        )
+    finally:
+        store.lock.release()
     code = _finish(result, out, args)
     shutdown()  # under torchrun: the workers leave the process group together
     return code
@@ -252,12 +311,14 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     base_over, top = _split_overrides(args.overrides)
     spec, lines = _load_top(AblationSpec, args.spec, top)
     planned = plan_ablation(spec, base_overrides=base_over, source=str(args.spec), lines=lines)
+    _check_workers(args.workers)
     out = _out_dir(args, spec)
     if args.dry_run:
         for p in planned:
             print(p.hash, json.dumps(p.labels, sort_keys=True))
         print(f"{len(planned)} runs ({len({p.hash for p in planned})} distinct) -> {out}")
         return EXIT_OK
+    _check_out(out)
     result = run_ablation(
         spec,
         out,
@@ -278,6 +339,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     base_over, top = _split_overrides(args.overrides)
     spec, _ = _load_top(TuneSpec, args.spec, top)
+    _check_workers(args.workers)
     out = _out_dir(args, spec)
     if args.dry_run:
         from qlrlab.engine.tuning import trial_base, validate_space
@@ -287,6 +349,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             print(f"{key}: {p.model_dump(exclude_none=True)}")
         print(f"{spec.n_trials} trials + {len(spec.repeat_seed_list())} repeats -> {out}")
         return EXIT_OK
+    _check_out(out)
     res = run_tune(
         spec,
         out,
@@ -412,6 +475,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, RunInterrupted) as exc:
         print(f"interrupted: {exc}; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.errno not in _FS_ERRNOS:
+            traceback.print_exc()
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        where = f" {exc.filename}" if exc.filename else ""
+        fix = (
+            "free disk space (or pass --out on another disk)"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "make the path writable, or pass --out DIR elsewhere"
+        )
+        print(
+            f"error: cannot write{where}: {exc.strerror or exc}\n  fix: {fix}; finished runs are "
+            "kept: continue with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     except Exception as exc:
         traceback.print_exc()
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

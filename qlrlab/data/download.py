@@ -51,7 +51,13 @@ class DataUnavailableError(FileNotFoundError):
 
 
 class ChecksumError(OSError):
-    """A file's checksum (or length) differs from the published value."""
+    """A file's checksum (or length) differs from the published value.
+
+    Attributes:
+        fix: what to do about it (set for files found corrupt on disk).
+    """
+
+    fix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,19 +206,33 @@ def _check_digests(remote: RemoteFile, digests: dict[str, str], where: str) -> N
             )
 
 
+#: Files verified in this process: resolved path -> (size, mtime_ns) when verified.
+_VERIFIED: dict[str, tuple[int, int]] = {}
+
+
 def verify_file(path: str | os.PathLike[str], remote: RemoteFile) -> None:
     """Check a local file against every checksum (and the length) published for it.
+
+    The digests are computed in one pass; a file verified before in this process and unchanged
+    since (same size and modification time) is not read again.
 
     Raises:
         ChecksumError: on any mismatch.
     """
     p = Path(path)
-    if remote.size is not None and p.stat().st_size != remote.size:
-        raise ChecksumError(
-            f"{remote.path} ({p}) has {p.stat().st_size} bytes, expected {remote.size}"
-        )
-    digests = {algo: file_digest(p, algo) for algo in ("sha256", "md5") if getattr(remote, algo)}
-    _check_digests(remote, digests, str(p))
+    st = p.stat()
+    key, stamp = str(p.resolve()), (st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(key) == stamp:
+        return
+    if remote.size is not None and st.st_size != remote.size:
+        raise ChecksumError(f"{remote.path} ({p}) has {st.st_size} bytes, expected {remote.size}")
+    hashers = {algo: hashlib.new(algo) for algo in ("sha256", "md5") if getattr(remote, algo)}
+    with open(p, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            for h in hashers.values():
+                h.update(chunk)
+    _check_digests(remote, {k: h.hexdigest() for k, h in hashers.items()}, str(p))
+    _VERIFIED[key] = stamp
 
 
 def _urls(remote: RemoteFile, mirror: str | None) -> tuple[str, ...]:
@@ -318,36 +338,55 @@ def ensure_file(
     data_dir: str | os.PathLike[str] | None = None,
     *,
     download: bool = True,
-    verify: bool = False,
+    verify: bool = True,
     mirror: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Return the local path of a dataset file, downloading it if it is missing.
 
-    Existing files are trusted unless ``verify=True`` (hashing hundreds of MB on every run would
-    be wasteful); downloads are always verified.
+    Existing files are checked against the published length and checksums (once per process
+    and file; ``verify=False`` skips it), so a truncated or damaged file is noticed here, named,
+    instead of failing later inside a parser. A damaged file is downloaded again when
+    ``download`` is on; otherwise it is an error that says how to repair it. Downloads are
+    always verified.
 
     Args:
         path: the file's path inside the data directory (a key of :data:`REMOTE_FILES`), or a
             :class:`RemoteFile`.
         data_dir: the data directory (default: :func:`~qlrlab.data.paths.get_data_dir`).
-        download: fetch a missing file; if ``False`` a missing file raises.
-        verify: also check an existing file's checksums.
+        download: fetch a missing (or damaged) file; if ``False`` such a file raises.
+        verify: check an existing file's length and checksums.
         mirror: base URL replacing the official URLs (default: ``$QLRLAB_MIRROR``).
         progress: show a progress bar while downloading.
 
     Raises:
         DataUnavailableError: the file is missing and could not be downloaded; the message names
             the file, the official URL and where to put it.
-        ChecksumError: a downloaded (or, with ``verify``, an existing) file is corrupt.
+        ChecksumError: a downloaded file is corrupt, or an existing one is and ``download`` is
+            off; the message names the file and the repair.
     """
     remote = path if isinstance(path, RemoteFile) else REMOTE_FILES[path]
     dest = get_data_dir(data_dir) / remote.path
     if dest.is_file():
-        if verify:
+        if not verify:
+            return dest
+        try:
             verify_file(dest, remote)
-        return dest
-    if not download:
+            return dest
+        except ChecksumError as exc:
+            if not download:
+                err = ChecksumError(
+                    f"the dataset file {dest} is damaged (truncated or modified; its length or "
+                    f"checksum differs from the published one: {exc}). "
+                    f"Delete it and download it again (task.download: true), or replace it "
+                    f"with a good copy from {remote.urls[0]}"
+                )
+                err.fix = f"delete {dest} and set task.download: true (or put a good copy there)"
+                raise err from None
+            import sys
+
+            print(f"warning: {exc}; downloading {remote.path} again", file=sys.stderr)
+    elif not download:
         raise DataUnavailableError(
             f"{remote.path} is missing from the data directory {dest.parent.parent} and "
             f"downloading is disabled. " + _manual_hint(remote, dest)
@@ -360,7 +399,7 @@ def ensure_dataset(
     data_dir: str | os.PathLike[str] | None = None,
     *,
     download: bool = True,
-    verify: bool = False,
+    verify: bool = True,
     mirror: str | None = None,
 ) -> list[Path]:
     """:func:`ensure_file` for every file of a dataset in :data:`DATASET_FILES`."""

@@ -7,20 +7,23 @@ their checkpoint when there is one), and a run that fails or diverges never stop
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qlrlab.engine.runner import RunResult, run_safely
 from qlrlab.engine.specs import AblationSpec, PlannedRun, RunSpec, SpecError
-from qlrlab.engine.storage import RunStore, confined
+from qlrlab.engine.storage import FolderLock, RunStore, confined
 
 __all__ = ["AblationResult", "execute_planned", "preflight", "prepare_output", "run_ablation"]
 
@@ -68,6 +71,8 @@ def preflight(specs: Sequence[RunSpec]) -> None:
     """
     import json
 
+    from qlrlab.data.download import ChecksumError
+
     if any(spec.tensorboard for spec in specs):
         import importlib.util
 
@@ -90,13 +95,26 @@ def preflight(specs: Sequence[RunSpec]) -> None:
                 check()
             else:
                 task_spec.build("cpu")
+        except ChecksumError as exc:  # a damaged file on disk: the message says how to repair
+            raise SpecError(
+                str(exc), field=f"task ({spec.task.get('name')})", fix=exc.fix
+            ) from None
         except OSError as exc:
             fname = getattr(exc, "filename", None)
+            if spec.task.get("download", False):  # the download itself failed
+                fix = (
+                    "the download failed (see above): check the network or $QLRLAB_MIRROR, or "
+                    "put the files in task.data_dir (or $QLRLAB_DATA) by hand"
+                )
+            else:
+                fix = (
+                    "put the files in task.data_dir (or $QLRLAB_DATA), or set task.download: "
+                    "true to fetch them"
+                )
             raise SpecError(
                 f"missing or unreadable dataset file{f' {fname}' if fname else ''}: {exc}",
                 field=f"task ({spec.task.get('name')})",
-                fix="put the files in task.data_dir (or $QLRLAB_DATA), or set task.download: true "
-                "to fetch them",
+                fix=fix,
             ) from None
 
 
@@ -110,12 +128,20 @@ def prepare_output(out_dir: str | Path, *, resume: bool, overwrite: bool, kind: 
             ``optuna.db``) first.
         kind: ``ablation``, ``run`` or ``tune`` (recorded in the index).
 
+    The directory is locked (:class:`~qlrlab.engine.storage.FolderLock`) for this process
+    until ``store.lock.release()`` (or until the store is garbage-collected, or the process
+    ends), so a second qlrlab process cannot write into it at the same time.
+
     Raises:
-        SpecError: it already holds results and neither ``resume`` nor ``overwrite`` is set.
+        SpecError: it already holds results and neither ``resume`` nor ``overwrite`` is set;
+            or another process is writing into it.
     """
     store = RunStore(out_dir)
+    store.lock = FolderLock(store.root)
+    store.lock.acquire()
     if store.index_path.exists() and not resume:
         if not overwrite:
+            store.lock.release()
             raise SpecError(
                 f"output directory {store.root} already holds results",
                 fix="pass --resume to continue it, --overwrite to start again, or --out DIR",
@@ -135,47 +161,162 @@ def prepare_output(out_dir: str | Path, *, resume: bool, overwrite: bool, kind: 
 #: Set while a worker process executes a run.
 _IN_RUN = threading.Event()
 
+#: Seconds a worker whose coordinator died may take to checkpoint its run before it exits.
+_ORPHAN_GRACE_S = 8.0
 
-def _init_worker(threads: int) -> None:
-    import os
+
+def _init_worker(threads: int, coordinator: int) -> None:
+    """Worker start-up: threads, and a watch on the coordinator.
+
+    :func:`qlrlab._lifeline.guard_worker` (run when the worker imported qlrlab) already asked
+    for SIGTERM on the coordinator's death (Linux) and exits a worker whose coordinator died
+    while it started; this thread is the portable fallback and bounds the time an orphan takes
+    to checkpoint its run.
+    """
     import signal
     import time
 
     import torch
 
     torch.set_num_threads(max(1, threads))
-    parent = os.getppid()
+    if os.getppid() != coordinator:
+        os._exit(143)
 
     def watch() -> None:
-        # A worker whose coordinator died (SIGKILL) checkpoints its run and exits, so that a
-        # resumed ablation never races with an orphan writing the same run directory.
-        while os.getppid() == parent:
-            time.sleep(0.5)
+        while os.getppid() == coordinator:
+            time.sleep(0.2)
         if _IN_RUN.is_set():
             os.kill(os.getpid(), signal.SIGTERM)  # the run loop checkpoints, then stops
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + _ORPHAN_GRACE_S
             while _IN_RUN.is_set() and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
         os._exit(143)
 
     threading.Thread(target=watch, daemon=True, name="qlrlab-parent-watch").start()
 
 
 def _worker(spec_json: dict[str, Any], root: str, labels: dict[str, Any], threads: int) -> tuple:
-    """Run one spec in a worker process; returns ``(hash, status, error)``."""
+    """Run one spec in a worker process; returns ``(hash, status, error)``.
+
+    A worker whose coordinator is gone takes no run; a worker told to stop (SIGTERM) writes the
+    checkpoint of its run and exits instead of taking the next one.
+    """
     import torch
 
+    from qlrlab._lifeline import coordinator_pid
+    from qlrlab.engine.runner import RunInterrupted
     from qlrlab.plugins import load_plugins_from_env
 
+    coordinator = coordinator_pid()
     load_plugins_from_env()  # the user's own components (--plugin) exist here too
     torch.set_num_threads(max(1, threads))
     spec = RunSpec.model_validate(spec_json)
+    if coordinator is not None and os.getppid() != coordinator:
+        os._exit(143)  # orphaned: write nothing
     _IN_RUN.set()
     try:
         res = run_safely(spec, RunStore(root), labels=labels)
+    except RunInterrupted:
+        os._exit(143)  # the checkpoint is written; take no further run
     finally:
         _IN_RUN.clear()
     return res.hash, res.status, res.summary.get("error")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM received by a coordinator (handled like Ctrl-C)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """In the main thread: SIGTERM raises :class:`_Terminated` (a ``KeyboardInterrupt``), so a
+    coordinator stops its workers and exits like on Ctrl-C instead of dying silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise _Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace: float = 60.0) -> None:
+    """Cancel the queued runs and ask every worker to checkpoint its run and exit (SIGTERM);
+    kill those still there after ``grace`` seconds."""
+    import time
+
+    procs = [p for p in list((getattr(pool, "_processes", None) or {}).values()) if p.is_alive()]
+    if procs:
+        print(
+            f"stopping {len(procs)} worker process(es): each writes a checkpoint of its run",
+            file=sys.stderr,
+        )
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(p.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _run_pool(
+    todo: Sequence[PlannedRun],
+    store: RunStore,
+    workers: int,
+    threads: int,
+    record: Any,
+) -> None:
+    """Run ``todo`` in spawned worker processes (see :func:`qlrlab._lifeline.guard_worker`).
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C or SIGTERM (after stopping the workers).
+        RunInterrupted: a worker process ended unexpectedly (after stopping the others).
+    """
+    from qlrlab._lifeline import ENV_VAR
+    from qlrlab.engine.runner import RunInterrupted
+
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(threads, os.getpid()),
+    )
+    try:
+        os.environ[ENV_VAR] = str(os.getpid())  # read (and dropped) by each spawned worker
+        try:
+            pending: set[Future] = {
+                pool.submit(
+                    _worker, p.spec.model_dump(mode="json"), str(store.root), p.labels, threads
+                )
+                for p in todo
+            }
+        finally:
+            os.environ.pop(ENV_VAR, None)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                try:
+                    h, status, error = fut.result()
+                except BrokenProcessPool:
+                    raise RunInterrupted(
+                        "a worker process ended unexpectedly (killed?); finished runs are kept"
+                    ) from None
+                record(h, status, error)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ensure_ray(address: str | None) -> bool:
@@ -272,6 +413,8 @@ def execute_planned(
         outer.update(1)
         outer.set_postfix(result.counts())
 
+    stack = contextlib.ExitStack()
+    stack.enter_context(_sigterm_interrupts())  # SIGTERM: stop like Ctrl-C, with a message
     try:
         if backend == "ray":
             _run_ray(todo, store, threads_per_worker, address, record)
@@ -289,29 +432,9 @@ def execute_planned(
             finally:
                 torch.set_num_threads(old_threads)
         else:
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=ctx,
-                initializer=_init_worker,
-                initargs=(threads_per_worker,),
-            ) as pool:
-                pending: set[Future] = {
-                    pool.submit(
-                        _worker,
-                        p.spec.model_dump(mode="json"),
-                        str(store.root),
-                        p.labels,
-                        threads_per_worker,
-                    )
-                    for p in todo
-                }
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        h, status, error = fut.result()
-                        record(h, status, error)
+            _run_pool(todo, store, workers, threads_per_worker, record)
     finally:
+        stack.close()
         outer.close()
     return result
 
@@ -380,20 +503,23 @@ def run_ablation(
     if check_data:
         preflight([p.spec for p in runs])
     store = prepare_output(out_dir, resume=resume, overwrite=overwrite, kind="ablation")
-    store.add_entries(
-        [{"hash": p.hash, "labels": p.labels} for p in runs],
-        replace=True,
-        kind="ablation",
-        name=spec.name,
-        spec=spec.model_dump(mode="json"),
-    )
-    return execute_planned(
-        runs,
-        store,
-        workers=workers or spec.workers,
-        threads_per_worker=spec.threads_per_worker,
-        quiet=quiet,
-        backend=backend,
-        address=address,
-        desc=spec.name,
-    )
+    try:
+        store.add_entries(
+            [{"hash": p.hash, "labels": p.labels} for p in runs],
+            replace=True,
+            kind="ablation",
+            name=spec.name,
+            spec=spec.model_dump(mode="json"),
+        )
+        return execute_planned(
+            runs,
+            store,
+            workers=workers or spec.workers,
+            threads_per_worker=spec.threads_per_worker,
+            quiet=quiet,
+            backend=backend,
+            address=address,
+            desc=spec.name,
+        )
+    finally:
+        store.lock.release()

@@ -3,9 +3,25 @@
 For each group of runs (task × variant, plus grid point or sweep value) over seeds, the table
 gives the **median** and a **bootstrap standard error** of the median (the standard deviation of
 the medians of bootstrap resamples) of the final train loss, test loss, test accuracy, steps and
-training time, in Markdown, CSV and LaTeX. Plots (PNG and PDF, matplotlib's Agg canvas) show the
-median curve with a bootstrap band against steps and against time (training time, excluding
-evaluation, unless ``time_axis="wall"``), the α and λ trajectories, and sensitivity sweeps.
+training time, in Markdown, CSV and LaTeX, with ``n`` (the number of runs, i.e. seeds) per row.
+Plots (PNG and PDF, matplotlib's Agg canvas) show the median curve with a band of ± one
+bootstrap SE of that median against steps and against time, the α and λ trajectories, and
+sensitivity sweeps. Conventions (each figure states them in its caption):
+
+* Line and band are the same statistic: on a log axis both are computed from log values (the
+  line is the median of log values, the band ± its bootstrap SE, exponentiated), on a linear
+  axis from the values themselves; so the line always lies inside its band.
+* Time is training time excluding evaluation (``time_axis="wall"``: including it) **and
+  excluding warm-up**, the first optimiser step of each process (allocation and kernel
+  selection: tenths of a second against milliseconds later), as logged in ``warmup_time``.
+* α is drawn on a symmetric-log axis, so negative step sizes are shown (marked ▼), not masked.
+* λ is drawn on a log axis; variants whose damping is identically zero cannot appear there and
+  are named in the panel instead.
+
+Besides the tables, ``report/metrics.parquet`` is one tidy table of every logged step of every
+run: run identity (hash, kind, task, variant, seed, grid, sweep, value), every setting that
+varies between the runs (dotted spec keys), then the per-step metrics; each run's rows equal its
+``runs/<hash>/metrics.parquet``.
 """
 
 from __future__ import annotations
@@ -19,9 +35,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qlrlab.engine.storage import RunStore, atomic_write_text, confined, safe_name
+from qlrlab.engine.storage import (
+    RunStore,
+    atomic_write_text,
+    confined,
+    safe_name,
+    write_parquet_atomic,
+)
 
-__all__ = ["bootstrap_se", "build_report", "collect_runs", "summary_table"]
+__all__ = ["bootstrap_se", "build_report", "collect_runs", "summary_table", "tidy_metrics"]
 
 #: (summary key, column title, is it a loss/accuracy shown in scientific notation)
 TABLE_METRICS: list[tuple[str, str]] = [
@@ -29,9 +51,19 @@ TABLE_METRICS: list[tuple[str, str]] = [
     ("final_test_loss", "test loss"),
     ("final_test_accuracy", "test accuracy"),
     ("steps", "steps"),
-    ("train_time", "time (s)"),
+    ("time_excl_warmup", "time (s)"),
 ]
 GROUP_KEYS = ["task", "variant", "grid", "sweep", "value"]
+ID_KEYS = ["hash", "kind", *GROUP_KEYS, "seed"]
+
+#: what the tables' numbers are (written under every table)
+TABLE_CAPTION = (
+    "Each cell: median ± bootstrap standard error of the median over the n runs (seeds) of its "
+    "row; time (s) = training time excluding evaluation and the first (warm-up) optimiser step."
+)
+
+#: values beyond this magnitude are not drawn (matplotlib's log/symlog tick locators overflow)
+_DRAW_MAX = 1e300
 
 
 def bootstrap_se(values: Sequence[float], n_boot: int = 200, seed: int = 0) -> float:
@@ -78,7 +110,18 @@ def collect_runs(out_dir: str | Path, kinds: Sequence[str] = ("run", "repeat")) 
         row["kind"] = labels.get("kind", "run")
         row.update(s)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return _with_time(pd.DataFrame(rows))
+
+
+def _with_time(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``time_excl_warmup`` = ``train_time`` − ``warmup_time`` (runs stored before warm-up
+    was logged: ``train_time``)."""
+    if "train_time" in df and "time_excl_warmup" not in df:
+        df = df.copy()
+        warm = pd.to_numeric(df.get("warmup_time", 0.0), errors="coerce")
+        warm = warm.fillna(0.0) if isinstance(warm, pd.Series) else warm
+        df["time_excl_warmup"] = pd.to_numeric(df["train_time"], errors="coerce") - warm
+    return df
 
 
 def _groups(df: pd.DataFrame) -> list[tuple[dict[str, Any], pd.DataFrame]]:
@@ -105,6 +148,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         ``<metric>_median`` / ``<metric>_se`` for each of :data:`TABLE_METRICS`.
     """
     rows = []
+    df = _with_time(df)
     for labels, g in _groups(df):
         row: dict[str, Any] = dict(labels)
         row["n"] = len(g)
@@ -146,7 +190,7 @@ def _markdown(table: pd.DataFrame) -> str:
         cells = [str(r[c]) for c in label_cols] + [n]
         cells += [_fmt(r[f"{k}_median"], r[f"{k}_se"], k) for k, _ in metrics]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + TABLE_CAPTION + "\n"
 
 
 def _latex_escape(s: str) -> str:
@@ -179,7 +223,7 @@ def _latex(table: pd.DataFrame) -> str:
             )
         out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(out) + "\n"
+    return "% " + TABLE_CAPTION + "\n" + "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,11 +231,12 @@ def _latex(table: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _new_figure(ncols: int, nrows: int = 1) -> tuple[Any, Any]:
+def _new_figure(ncols: int, nrows: int = 1, caption_lines: int = 0) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    height = 3.2 * nrows + 0.4
+    extra = 0.14 * caption_lines * max(1.0, 8.4 / (4.2 * ncols))  # narrow figures wrap more
+    height = 3.2 * nrows + 0.4 + extra
     fig = Figure(figsize=(4.2 * ncols, height))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -199,7 +244,7 @@ def _new_figure(ncols: int, nrows: int = 1) -> tuple[Any, Any]:
     fig.subplots_adjust(
         left=0.8 / (4.2 * ncols),
         right=0.98,
-        bottom=0.55 / height,
+        bottom=(0.55 + extra) / height,
         top=1 - 0.5 / height,
         wspace=0.35,
         hspace=0.45,
@@ -258,10 +303,16 @@ def _median_band(
 
 
 def _curve(df: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of one run, finite points only, sorted by ``x``; time axes exclude the
+    warm-up logged in ``warmup_time`` (the first optimiser step of each process)."""
     if y not in df or x not in df:
         return np.array([]), np.array([])
-    sub = df[[x, y]].apply(pd.to_numeric, errors="coerce").dropna()
-    sub = sub[np.isfinite(sub[y]) & np.isfinite(sub[x])]
+    warm = x in ("time", "wall_time") and "warmup_time" in df
+    sub = df[[x, y, "warmup_time"] if warm else [x, y]].apply(pd.to_numeric, errors="coerce")
+    if warm:
+        sub[x] = sub[x] - sub["warmup_time"].ffill().fillna(0.0)
+    sub = sub[[x, y]].dropna()
+    sub = sub[np.isfinite(sub[y]) & np.isfinite(sub[x]) & (sub[y].abs() < _DRAW_MAX)]
     sub = sub.drop_duplicates(subset=x, keep="last").sort_values(x)
     return sub[x].to_numpy(float), sub[y].to_numpy(float)
 
@@ -272,38 +323,82 @@ def _plot_groups(
     x: str,
     y: str,
     *,
-    logy: bool,
-) -> bool:
-    drawn = False
+    scale: str = "linear",
+) -> dict[str, Any]:
+    """Draw each group's median line with a band of ± one bootstrap SE of that median.
+
+    ``scale`` is ``linear``, ``log`` (line and band from log values; points <= 0 cannot be
+    drawn) or ``symlog`` (signed values; points below zero are marked ▼).
+
+    Returns:
+        ``{"drawn": bool, "absent": [labels with nothing drawable], "negative": number of
+        points < 0, "linthresh": the symlog threshold or None, "bands": {label: (x, line,
+        lower, upper)}}``.
+    """
+    info: dict[str, Any] = {
+        "drawn": False,
+        "absent": [],
+        "negative": 0,
+        "linthresh": None,
+        "bands": {},
+    }
+    everything = [c for _, fr in groups for f in fr for c in _curve(f, x, y)[1]]
     for label, frames in groups:
-        band = _median_band([_curve(f, x, y) for f in frames])
-        if band is None:
+        curves = [_curve(f, x, y) for f in frames]
+        if scale == "log":
+            curves = [(cx[cy > 0], np.log(cy[cy > 0])) for cx, cy in curves]
+        band = _median_band(curves)
+        if band is None or not np.isfinite(band[1]).any():
+            info["absent"].append(label)
             continue
         grid, med, se = band
         lower, upper = med - se, med + se
-        if logy:
-            # on a log axis the band is the bootstrap SE of the median of log-values,
-            # exp(log med ± se_log): multiplicative, and positive by construction
-            logs = [_curve(f, x, y) for f in frames]
-            logs = [(cx, np.log(cy)) for cx, cy in logs if len(cy) and bool(np.all(cy > 0))]
-            log_band = _median_band(logs) if len(logs) == len(frames) else None
-            if log_band is not None:
-                _, lmed, lse = log_band
-                lower, upper = np.exp(lmed - lse), np.exp(lmed + lse)
-            else:
-                lower = np.where(lower > 0, lower, np.nan)
-        (line,) = ax.plot(grid, med, label=label, lw=1.3)
+        if scale == "log":
+            med, lower, upper = np.exp(med), np.exp(lower), np.exp(upper)
+        info["bands"][label] = (grid, med, lower, upper)
+        (line,) = ax.plot(grid, med, label=f"{label} (n={len(frames)})", lw=1.3)
         ax.fill_between(grid, lower, upper, color=line.get_color(), alpha=0.25, lw=0)
-        drawn = True
-    if drawn and logy:
-        ys = [c for _, fr in groups for f in fr for c in _curve(f, x, y)[1]]
-        if any(v > 0 for v in ys):
-            ax.set_yscale("log", nonpositive="mask")
-    return drawn
+        if scale == "symlog":
+            for cx, cy in curves:
+                neg = cy < 0
+                info["negative"] += int(neg.sum())
+                if neg.any():
+                    ax.plot(cx[neg], cy[neg], "v", ms=3, color=line.get_color(), alpha=0.7)
+        info["drawn"] = True
+    if info["drawn"] and scale == "log":
+        ax.set_yscale("log", nonpositive="mask")
+    if info["drawn"] and scale == "symlog":
+        mags = np.abs(np.asarray(everything, dtype=float))
+        mags = mags[mags > 0]
+        lt = 10.0 ** math.floor(math.log10(float(np.percentile(mags, 10)))) if len(mags) else 1.0
+        info["linthresh"] = lt
+        ax.set_yscale("symlog", linthresh=lt)
+        ax.axhline(0.0, color="0.6", lw=0.6)
+    return info
 
 
-def _curve_plots(df: pd.DataFrame, store: RunStore, root: Path, time_col: str) -> list[Path]:
+def _caption(fig: Any, text: str) -> None:
+    fig.text(0.01, 0.01, text, fontsize=6.5, ha="left", va="bottom", wrap=True)
+
+
+def _stat_text(groups: list[tuple[str, list[pd.DataFrame]]]) -> str:
+    ns = sorted({len(fr) for _, fr in groups})
+    n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return (
+        f"Lines: median over n = {n} runs (seeds) per group (n in the legend); bands: ± 1 "
+        "bootstrap SE of that median; on log axes both are computed from log values."
+    )
+
+
+def _curve_plots(
+    df: pd.DataFrame, store: RunStore, root: Path, time_col: str, captions: dict[str, str]
+) -> list[Path]:
     paths: list[Path] = []
+    time_text = (
+        "training time excluding evaluation"
+        if time_col == "time"
+        else "wall time including evaluation"
+    ) + " and excluding the first (warm-up) optimiser step of each process"
     for task, tdf in df.groupby("task", sort=False):
         base = tdf[tdf["sweep"].isna()] if "sweep" in tdf else tdf
         if base.empty:
@@ -313,33 +408,63 @@ def _curve_plots(df: pd.DataFrame, store: RunStore, root: Path, time_col: str) -
             frames = [m for m in (store.metrics(h) for h in g["hash"]) if m is not None]
             groups.append((" ".join(str(v) for v in labels.values() if v != "") or "run", frames))
         classification = bool(tdf.get("classification", pd.Series([False])).fillna(False).any())
-        ys = [("loss", "train batch loss", True), ("test_loss", "test loss", True)]
+        ys = [("loss", "train batch loss", "log"), ("test_loss", "test loss", "log")]
         if classification:
-            ys.append(("test_accuracy", "test accuracy", False))
-        xs = [("step", "steps"), (time_col, "time (s)" if time_col == "time" else "wall time (s)")]
-        fig, axes = _new_figure(len(ys), len(xs))
+            ys.append(("test_accuracy", "test accuracy", "linear"))
+        t_label = "training time (s)" if time_col == "time" else "wall time (s)"
+        xs = [("step", "steps"), (time_col, f"{t_label}, warm-up excluded")]
+        fig, axes = _new_figure(len(ys), len(xs), caption_lines=2)
         for i, (xc, xl) in enumerate(xs):
-            for j, (yc, yl, logy) in enumerate(ys):
+            for j, (yc, yl, scale) in enumerate(ys):
                 ax = axes[i][j]
-                _plot_groups(ax, groups, xc, yc, logy=logy)
+                _plot_groups(ax, groups, xc, yc, scale=scale)
                 ax.set_xlabel(xl)
                 ax.set_ylabel(yl)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(str(task))
-        paths += _save(fig, root, f"curves_{safe_name(task)}")
+        stem = f"curves_{safe_name(task)}"
+        captions[stem] = f"{task}: {_stat_text(groups)} Time: {time_text}."
+        _caption(fig, captions[stem])
+        paths += _save(fig, root, stem)
         # alpha and lambda trajectories
-        fig, axes = _new_figure(2)
-        for j, (yc, yl) in enumerate((("alpha", "step size α"), ("damping", "damping λ"))):
-            _plot_groups(axes[0][j], groups, "step", yc, logy=True)
-            axes[0][j].set_xlabel("steps")
-            axes[0][j].set_ylabel(yl)
+        fig, axes = _new_figure(2, caption_lines=3)
+        a_info = _plot_groups(axes[0][0], groups, "step", "alpha", scale="symlog")
+        axes[0][0].set_ylabel("step size α (symlog)")
+        l_info = _plot_groups(axes[0][1], groups, "step", "damping", scale="log")
+        axes[0][1].set_ylabel("damping λ (log)")
+        for ax in axes[0]:
+            ax.set_xlabel("steps")
+        if l_info["absent"]:
+            axes[0][1].text(
+                0.02,
+                0.02,
+                "not drawn (λ ≡ 0): " + ", ".join(l_info["absent"]),
+                transform=axes[0][1].transAxes,
+                fontsize=7,
+                va="bottom",
+            )
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{task}: trajectories")
-        paths += _save(fig, root, f"trajectories_{safe_name(task)}")
+        stem = f"trajectories_{safe_name(task)}"
+        lt = a_info["linthresh"]
+        text = f"{task}: α on a symmetric-log axis" + (
+            f" (linear for |α| < {lt:.0e})" if lt is not None else ""
+        )
+        text += f"; ▼ marks the {a_info['negative']} steps with α < 0 (all runs)."
+        text += " λ on a log axis" + (
+            f"; not drawn because λ ≡ 0: {', '.join(l_info['absent'])}."
+            if l_info["absent"]
+            else "."
+        )
+        captions[stem] = text + " " + _stat_text(groups)
+        _caption(fig, captions[stem])
+        paths += _save(fig, root, stem)
     return paths
 
 
-def _sensitivity_plots(df: pd.DataFrame, root: Path) -> list[Path]:
+def _sensitivity_plots(
+    df: pd.DataFrame, root: Path, captions: dict[str, str] | None = None
+) -> list[Path]:
     paths: list[Path] = []
     if "sweep" not in df or df["sweep"].isna().all():
         return paths
@@ -348,7 +473,8 @@ def _sensitivity_plots(df: pd.DataFrame, root: Path) -> list[Path]:
         metrics = [("final_train_loss", "final train loss"), ("final_test_loss", "final test loss")]
         if g.get("classification", pd.Series([False])).fillna(False).any():
             metrics.append(("final_test_accuracy", "final test accuracy"))
-        fig, axes = _new_figure(len(metrics))
+        fig, axes = _new_figure(len(metrics), caption_lines=1)
+        n_per = sorted({int(n) for n in g.groupby(["variant", "value"]).size()})
         for j, (key, title) in enumerate(metrics):
             ax = axes[0][j]
             for variant, vg in g.groupby("variant", sort=False):
@@ -368,7 +494,16 @@ def _sensitivity_plots(df: pd.DataFrame, root: Path) -> list[Path]:
             ax.set_ylabel(title)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{task}: sensitivity to {sweep}")
-        paths += _save(fig, root, f"sensitivity_{safe_name(task)}_{safe_name(sweep)}")
+        stem = f"sensitivity_{safe_name(task)}_{safe_name(sweep)}"
+        n = str(n_per[0]) if len(n_per) == 1 else f"{n_per[0]}-{n_per[-1]}"
+        text = (
+            f"{task}: points: median over n = {n} runs (seeds) per value; error bars: ± 1 "
+            "bootstrap SE of the median."
+        )
+        if captions is not None:
+            captions[stem] = text
+        _caption(fig, text)
+        paths += _save(fig, root, stem)
     return paths
 
 
@@ -428,9 +563,77 @@ def build_report(
         lines.append(f"\nbest {data.get('metric')} ({data.get('scope')}): {data.get('value')}")
         atomic_write_text(root / "best_hyperparameters.md", "\n".join(lines) + "\n")
         out["best_md"] = root / "best_hyperparameters.md"
+    tidy = tidy_metrics(store, df)
+    write_parquet_atomic(tidy, root / "metrics.parquet")
+    out["metrics"] = root / "metrics.parquet"
     if plots:
         ok = df[df["status"].isin(["completed", "diverged", "pruned"])] if "status" in df else df
         time_col = "time" if time_axis == "train" else "wall_time"
-        out["plots"] += _curve_plots(ok, store, root, time_col)
-        out["plots"] += _sensitivity_plots(ok, root)
+        captions: dict[str, str] = {}
+        out["plots"] += _curve_plots(ok, store, root, time_col, captions)
+        out["plots"] += _sensitivity_plots(ok, root, captions)
+        out["captions"] = captions
+        atomic_write_text(
+            root / "captions.md",
+            "".join(f"- `{stem}`: {text}\n" for stem, text in captions.items()),
+        )
+    return out
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    return {key: json.dumps(obj) if isinstance(obj, list) else obj}
+
+
+def tidy_metrics(store: RunStore | str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One long table of every logged step of every run, for ``pd.read_parquet`` in one call.
+
+    Columns: the run's identity (``hash``, ``kind``, ``task``, ``variant``, ``grid``, ``sweep``,
+    ``value``, ``seed``), every spec setting that differs between the runs (as dotted keys,
+    e.g. ``optimizer.damping.initial``), then the run's own per-step metrics (``step``,
+    ``time``, ``loss``, ``alpha``...). Restricting it to one ``hash`` gives exactly that run's
+    ``runs/<hash>/metrics.parquet``.
+
+    Args:
+        store: the output directory (or its :class:`RunStore`).
+        runs: :func:`collect_runs` of it (default: all kinds, trials included).
+    """
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    if runs is None:
+        runs = collect_runs(store.root, kinds=("run", "repeat", "trial"))
+    settings: dict[str, dict[str, Any]] = {}
+    for h in runs["hash"] if "hash" in runs else []:
+        try:
+            rec = json.loads((store.run_dir(h) / "spec.json").read_text(encoding="utf-8"))
+            spec = rec.get("spec", rec) if isinstance(rec, dict) else {}
+        except (OSError, ValueError):
+            spec = {}
+        flat = _flatten(spec) if isinstance(spec, dict) else {}
+        for k in ("name", "output_dir"):
+            flat.pop(k, None)
+        settings[h] = flat
+    keys = sorted({k for f in settings.values() for k in f})
+    varying = [
+        k for k in keys if len({json.dumps(f.get(k), default=str) for f in settings.values()}) > 1
+    ]
+    frames = []
+    for _, r in runs.iterrows():
+        m = store.metrics(r["hash"])
+        if m is None or m.empty:
+            continue
+        ident = {k: r.get(k) for k in ID_KEYS}
+        ident.update({k: settings.get(r["hash"], {}).get(k) for k in varying})
+        head = pd.DataFrame({k: [v] * len(m) for k, v in ident.items()}, index=m.index)
+        frames.append(pd.concat([head, m], axis=1))
+    if not frames:
+        return pd.DataFrame(columns=[*ID_KEYS, *varying, "step"])
+    out = pd.concat(frames, ignore_index=True)
+    for k in [*ID_KEYS, *varying]:  # mixed types (None with numbers) do not fit Parquet
+        if out[k].map(type).nunique() > 1 and not pd.api.types.is_numeric_dtype(out[k]):
+            out[k] = out[k].map(lambda v: None if v is None else str(v))
     return out

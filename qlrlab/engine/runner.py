@@ -5,8 +5,9 @@ change, norms, ``time`` = training seconds excluding evaluation, ``wall_time`` i
 adds evaluation columns (``val_loss``, ``test_accuracy``, ...) on the rows where it evaluated. It
 stops at the first limit of its budget, or when a loss goes non-finite (status ``diverged``; the
 summary then holds the last finite metrics). Checkpoints (model, optimiser, data-order RNG,
-counters) are written every ``checkpoint_every`` steps and on SIGTERM; a re-run of an unfinished
-run continues from its checkpoint and reproduces the uninterrupted numbers.
+counters) are written every ``checkpoint_every`` steps and on SIGTERM or Ctrl-C (SIGINT); a re-run
+of an unfinished run continues from its checkpoint and reproduces the uninterrupted numbers (a
+run whose metrics file is missing or damaged starts again from step 0 instead).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from qlrlab.engine.storage import (
     atomic_write_json,
     environment_info,
     load_checkpoint,
+    read_metrics,
     save_checkpoint,
+    warn,
     write_parquet_atomic,
 )
 from qlrlab.losses import NaNPaddedLoss
@@ -59,7 +62,7 @@ _STEP_FIELDS = tuple(
 
 
 class RunInterrupted(RuntimeError):
-    """The run was asked to stop (SIGTERM); a checkpoint was written when configured."""
+    """The run was asked to stop (SIGTERM, Ctrl-C); a checkpoint was written."""
 
 
 @dataclass
@@ -94,27 +97,40 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag polled by the training loop (main thread only)."""
+class _StopFlag:
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a flag polled by the training loop, which then
+    writes a checkpoint and raises :class:`RunInterrupted` (main thread only). A second Ctrl-C
+    raises ``KeyboardInterrupt`` at once. SIGINT is left alone where it is ignored (ablation
+    workers, whose coordinator handles Ctrl-C)."""
 
     def __init__(self) -> None:
         self.raised = False
-        self._old: Any = None
+        self.signal_name = ""
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _SigtermFlag:
+    def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            try:
-                self._old = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:
-                self._old = None
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+                    continue
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:
+                    pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.raised = True
+        self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+_SigtermFlag = _StopFlag  # the former name
 
 
 def _budget_steps(spec: RunSpec, task: Any, batch_size: int) -> tuple[int | None, float | None]:
@@ -215,6 +231,7 @@ def execute_run(
             "spec": spec.model_dump(mode="json"),
             "seed": spec.seed,
             "labels": dict(labels or {}),
+            "threads": torch.get_num_threads(),
             **env,
         },
     )
@@ -246,20 +263,33 @@ def execute_run(
     gen = torch.Generator().manual_seed(spec.seed)
     step, epoch, batch_in_epoch = 0, 0, 0
     train_time, wall_offset = 0.0, 0.0
+    # one-off warm-up: the first optimiser step of each process (allocation, kernel selection:
+    # 0.3-0.5 s against 1 ms later); logged so that reports can leave it out of time axes
+    warmup_time, first_in_process = 0.0, True
     epoch_state = gen.get_state()
     rows: list[dict[str, Any]] = []
     ckpt = load_checkpoint(ckpt_path) if resume else None
-    if ckpt is not None and ckpt.get("hash") == h:
+    if ckpt is not None and ckpt.get("hash") != h:
+        ckpt = None
+    if ckpt is not None:
+        old = read_metrics(metrics_path)
+        if old is not None:
+            rows = old[old["step"] <= int(ckpt["step"])].to_dict("records")
+        else:  # the rows up to the checkpoint are lost: start again, which reproduces them
+            warn(
+                f"{metrics_path} is missing or unreadable next to the checkpoint of step "
+                f"{int(ckpt['step'])}; restarting run {h} from step 0"
+            )
+            ckpt = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch"])
         train_time, wall_offset = float(ckpt["train_time"]), float(ckpt["wall_time"])
+        warmup_time = float(ckpt.get("warmup_time", 0.0))
         epoch_state = ckpt["epoch_rng"]
         gen.set_state(epoch_state)
         torch.set_rng_state(ckpt["torch_rng"])
-        if metrics_path.exists():
-            old = pd.read_parquet(metrics_path)
-            rows = old[old["step"] <= step].to_dict("records")
     else:
         with contextlib.suppress(FileNotFoundError):
             ckpt_path.unlink()
@@ -299,6 +329,7 @@ def execute_run(
                 "epoch_rng": epoch_state,
                 "torch_rng": torch.get_rng_state(),
                 "train_time": train_time,
+                "warmup_time": warmup_time,
                 "wall_time": now_wall(),
             },
         )
@@ -328,7 +359,7 @@ def execute_run(
     recent: list[float] = []
     batches: Iterator[Any] | None = None
     try:
-        with _SigtermFlag() as term:
+        with _StopFlag() as term:
             if step == 0 and ev.at_start and not rows:
                 res = do_eval(ev.splits)
                 rows.append({"step": 0, "epoch": 0.0, "time": 0.0, "wall_time": now_wall(), **res})
@@ -365,7 +396,11 @@ def execute_run(
                     batch = local_share(batch, world)
                 info = optimizer.step(batch)
                 sync()
-                train_time += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                train_time += dt
+                if first_in_process:
+                    warmup_time += dt
+                    first_in_process = False
                 step += 1
                 batch_in_epoch += 1
                 d = _info_dict(info)
@@ -380,8 +415,15 @@ def execute_run(
                     if k not in row and isinstance(v, (int, float)):
                         row[k] = v
                 row["time"] = train_time
+                row["warmup_time"] = warmup_time
                 loss = d.get("loss")
-                nonfinite = not finite(loss) or str(row["status"]).startswith("nonfinite")
+                # why the run stops, if it does: the optimiser's own status says which quantity
+                # was non-finite (loss, gradient or step size α); a finite loss with a refused
+                # step is not a "non-finite loss"
+                why = str(row["status"]) if str(row["status"]).startswith("nonfinite") else None
+                if why is None and not finite(loss):
+                    why = "nonfinite_loss"
+                nonfinite = why is not None
                 evaluated = False
                 if not nonfinite:
                     recent.append(float(loss))
@@ -390,7 +432,7 @@ def execute_run(
                         row.update(res)
                         evaluated = True
                         if any(not finite(v) for k, v in res.items() if k.endswith("loss")):
-                            nonfinite = True
+                            nonfinite, why = True, "nonfinite_eval"
                 row["wall_time"] = now_wall()
                 if nonfinite or evaluated or step % spec.log_every == 0:
                     rows.append(row)
@@ -401,7 +443,7 @@ def execute_run(
                     if step % 20 == 0 or nonfinite:
                         bar.set_postfix(loss=f"{float(loss):.4g}" if finite(loss) else str(loss))
                 if nonfinite:
-                    status, stop_reason = "diverged", "nonfinite_loss"
+                    status, stop_reason = "diverged", why
                     break
                 if evaluated:
                     if report(row, recent):
@@ -412,7 +454,10 @@ def execute_run(
                     checkpoint()
                 if term.raised or (stop_after is not None and step >= stop_after):
                     checkpoint()
-                    raise RunInterrupted(f"run {h} interrupted at step {step}")
+                    why = f" ({term.signal_name})" if term.raised else ""
+                    raise RunInterrupted(
+                        f"run {h} interrupted at step {step}{why}; checkpoint written"
+                    )
             if status == "running":
                 status = "completed"
                 if ev.at_end:
@@ -451,6 +496,7 @@ def execute_run(
         labels=labels,
         steps=step,
         train_time=train_time,
+        warmup_time=warmup_time,
         wall_time=now_wall(),
         steps_per_epoch=steps_per_epoch,
         batch_size=batch_size,
@@ -571,6 +617,7 @@ def summarise(
     steps_per_epoch: int,
     batch_size: int,
     classification: bool,
+    warmup_time: float = 0.0,
 ) -> dict[str, Any]:
     """Build a run's summary row from its metrics (last finite values, so a diverged run keeps
     its last good numbers)."""
@@ -583,6 +630,7 @@ def summarise(
         "epochs": steps / steps_per_epoch,
         "batch_size": batch_size,
         "train_time": train_time,
+        "warmup_time": warmup_time,
         "wall_time": wall_time,
         "classification": classification,
         "final_batch_loss": _last_finite(df, "loss"),

@@ -65,6 +65,15 @@ __all__ = [
     "run_hash",
 ]
 
+#: the range of seeds torch's generators accept (``torch.manual_seed``: 64-bit)
+SEED_MAX = 2**63 - 1
+
+#: the most values one generator (``linspace``/``logspace``) may produce, and the most runs an
+#: ablation may plan: larger numbers are typos (``logspace: [-8, 0, 100000000]``), and planning
+#: them would hang
+MAX_GENERATED_VALUES = 10_000
+MAX_PLANNED_RUNS = 100_000
+
 #: Fields of a run that do not change its results, hence are not part of its identity.
 NON_IDENTITY_FIELDS = frozenset({"name", "output_dir", "checkpoint_every", "tensorboard"})
 
@@ -217,7 +226,10 @@ def _resolve_optimizer(value: Any) -> dict[str, Any]:
             raise ValueError("optimizer.args must be a mapping of preset arguments")
         base = preset_dump(name, args)
         for key, sub in value.items():
-            _set_path(base, key.split("."), sub, strict=True, root="optimizer")
+            try:
+                _set_path(base, str(key).split("."), sub, strict=True, root="optimizer")
+            except KeyError as exc:  # a typo in a dotted preset override
+                raise ValueError(str(exc.args[0])) from None
         value = base
     return value
 
@@ -337,9 +349,9 @@ class BudgetSpec(_Strict):
         count_eval_time: whether ``seconds`` includes time spent evaluating (default: no).
     """
 
-    epochs: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, allow_inf_nan=False)
     steps: int | None = Field(None, gt=0)
-    seconds: float | None = Field(None, gt=0)
+    seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
     count_eval_time: bool = False
 
 
@@ -398,7 +410,7 @@ class RunSpec(_Strict):
     batch_size: int | None = Field(None, ge=1)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     checkpoint_every: int | None = Field(None, ge=1)
@@ -492,7 +504,12 @@ def _format_validation(
                 first_line = _best_line(lines, field, msg)
         msgs.append(f"{field}: {msg}" if field else msg)
     fix = "check the field names and types against `qlrlab schema`"
-    if any(e.get("type") == "extra_forbidden" or "unknown" in str(e.get("msg")) for e in errs):
+    if any("; registered:" in str(e.get("msg")) for e in errs):
+        fix = (
+            "use one of the registered names listed above; if it is your own component, load "
+            "the module that registers it with --plugin MODULE|FILE.py (or $QLRLAB_PLUGINS)"
+        )
+    elif any(e.get("type") == "extra_forbidden" or "unknown" in str(e.get("msg")) for e in errs):
         fix = "remove or rename the unknown field (see `qlrlab schema`, `qlrlab presets`, `qlrlab tasks`)"
     elif any("valid" in str(e.get("msg")) for e in errs):
         fix = "give the field a value of the type named above"
@@ -538,7 +555,19 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise SpecError(
             "file not found", source=str(p), fix="pass the path of an existing YAML spec"
         )
-    text = p.read_text(encoding="utf-8")
+    raw_bytes = p.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw_bytes.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError(
+            f"not UTF-8 text: byte 0x{raw_bytes[exc.start]:02x} at column {col} cannot be decoded",
+            source=str(p),
+            line=line,
+            fix="save the spec as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or replace that "
+            "character",
+        ) from None
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -571,9 +600,23 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 
     def walk(n: Any, prefix: str) -> None:
         if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
             for k, v in n.value:
                 key = f"{prefix}{k.value}"
-                lines[key] = k.start_mark.line + 1
+                here = k.start_mark.line + 1
+                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                    if k.value in seen:
+                        raise SpecError(
+                            f"duplicate key {k.value!r} (first at line {seen[k.value]}); YAML "
+                            "keeps only the last one, so the first would be silently lost",
+                            source=str(p),
+                            line=here,
+                            field=key,
+                            fix="give every key (variant, task, grid field...) a distinct name, "
+                            "or delete one of the two",
+                        )
+                    seen[k.value] = here
+                lines[key] = here
                 walk(v, key + ".")
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
@@ -732,6 +775,11 @@ def expand_values(obj: Any) -> list[Any]:
         num = int(num)
         if num < 1:
             raise ValueError(f"{key} needs num >= 1")
+        if num > MAX_GENERATED_VALUES:
+            raise ValueError(
+                f"{key} asks for {num} values; at most {MAX_GENERATED_VALUES} are allowed "
+                "(the third number is the count of points, e.g. {logspace: [-8, 0, 17]})"
+            )
         pts = [start + (stop - start) * i / (num - 1) if num > 1 else start for i in range(num)]
         if key == "logspace":
             base = float(obj.get("base", 10.0))
@@ -794,11 +842,32 @@ class AblationSpec(_Strict):
     variants: dict[str, dict[str, Any] | str] | None = None
     grid: dict[str, Any] = Field(default_factory=dict)
     sweeps: list[SweepSpec] = Field(default_factory=list)
-    seeds: list[int] | None = None
+    seeds: list[int] | None = Field(None, min_length=1)
     repeats: int | None = Field(None, ge=1)
     output_dir: str | None = None
     workers: int = Field(1, ge=1)
     threads_per_worker: int = Field(1, ge=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            bad = [s for s in v if not 0 <= s <= SEED_MAX]
+            if bad:
+                raise ValueError(f"seeds must lie in [0, 2**63 - 1]; got {bad[0]}")
+            dup = sorted({s for s in v if v.count(s) > 1})
+            if dup:
+                raise ValueError(f"seed {dup[0]} is listed twice; list each seed once")
+        return v
+
+    @model_validator(mode="after")
+    def _seeds_or_repeats(self) -> AblationSpec:
+        if self.seeds is not None and self.repeats is not None:
+            raise ValueError(
+                "seeds and repeats both given: use seeds (an explicit list) or repeats "
+                "(seeds 0..repeats-1), not both"
+            )
+        return self
 
     def seed_list(self) -> list[int]:
         """The seeds each point is run with."""
@@ -872,15 +941,47 @@ def plan_ablation(
     try:
         grid_vals = [expand_values(spec.grid[k]) for k in grid_keys]
     except ValueError as exc:
-        raise SpecError(str(exc), source=source, field="grid") from None
+        raise SpecError(
+            str(exc), source=source, field="grid", fix="write a list of values or a generator"
+        ) from None
+    for k, vals in zip(grid_keys, grid_vals):
+        if not vals:
+            raise SpecError(
+                "an empty list of values plans no runs at all",
+                source=source,
+                line=lines.get(f"grid.{k}"),
+                field=f"grid.{k}",
+                fix="give at least one value, or remove the key from grid",
+            )
+    n_grid = math.prod(len(v) for v in grid_vals)
+    if n_grid > MAX_PLANNED_RUNS:
+        raise SpecError(
+            f"the grid has {n_grid} points; at most {MAX_PLANNED_RUNS} runs are allowed",
+            source=source,
+            field="grid",
+            fix="use fewer values in grid, or split the ablation",
+        )
     grid_points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*grid_vals)]
     sweep_points: list[tuple[str | None, Any, list[tuple[str, Any]]]] = []
     for i, sw in enumerate(spec.sweeps):
         try:
             cols = {k: expand_values(v) for k, v in sw.set.items()}
         except ValueError as exc:
-            raise SpecError(str(exc), source=source, field=f"sweeps.{i}.set") from None
+            raise SpecError(
+                str(exc),
+                source=source,
+                field=f"sweeps.{i}.set",
+                fix="write a list of values or a generator",
+            ) from None
         lengths = {len(v) for v in cols.values()}
+        if not cols or lengths == {0}:
+            raise SpecError(
+                f"sweep {sw.name!r} has no values",
+                source=source,
+                line=lines.get(f"sweeps.{i}"),
+                field=f"sweeps.{i}.set",
+                fix="give each swept field at least one value, or remove the sweep",
+            )
         if len(lengths) != 1:
             raise SpecError(
                 f"sweep {sw.name!r}: value lists have different lengths {sorted(lengths)}",
@@ -895,6 +996,16 @@ def plan_ablation(
             )
     if not sweep_points:
         sweep_points = [(None, None, [])]
+    n_runs = (
+        len(tasks) * len(variants) * len(grid_points) * len(sweep_points) * len(spec.seed_list())
+    )
+    if n_runs > MAX_PLANNED_RUNS:
+        raise SpecError(
+            f"the ablation plans {n_runs} runs; at most {MAX_PLANNED_RUNS} are allowed",
+            source=source,
+            field="grid" if len(grid_points) > 1 else "sweeps",
+            fix="use fewer values in grid/sweeps/seeds, or split the ablation",
+        )
     planned: list[PlannedRun] = []
     base_over = list(base_overrides)
     try:
@@ -1024,9 +1135,18 @@ class SchedulerSpec(_Strict):
 
     type: Literal["asha", "hyperband", "none"] = "asha"
     resource: Literal["steps", "seconds"] = "steps"
-    min_resource: float = Field(1.0, gt=0)
-    max_resource: float | None = Field(None, gt=0)
+    min_resource: float = Field(1.0, gt=0, allow_inf_nan=False)
+    max_resource: float | None = Field(None, gt=0, allow_inf_nan=False)
     reduction_factor: int = Field(4, ge=2)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> SchedulerSpec:
+        if self.max_resource is not None and self.min_resource > self.max_resource:
+            raise ValueError(
+                f"min_resource {self.min_resource:g} exceeds max_resource "
+                f"{self.max_resource:g}: set min_resource <= max_resource"
+            )
+        return self
 
 
 class TuneSpec(_Strict):
@@ -1058,11 +1178,11 @@ class TuneSpec(_Strict):
     scope: Literal["last", "best"] = "last"
     n_trials: int = Field(20, ge=1)
     sampler: Literal["random", "tpe"] = "random"
-    sampler_seed: int = 0
+    sampler_seed: int = Field(0, ge=0, le=2**32 - 1)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     trial_overrides: dict[str, Any] = Field(default_factory=dict)
     repeats: int = Field(0, ge=0)
-    repeat_seeds: list[int] | None = None
+    repeat_seeds: list[int] | None = Field(None, min_length=1)
     repeat_overrides: dict[str, Any] = Field(default_factory=dict)
     output_dir: str | None = None
 

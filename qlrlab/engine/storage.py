@@ -3,6 +3,7 @@
 Layout of an output directory::
 
     OUT/
+      .lock                   # held (flock) by the one qlrlab process writing here
       index.json              # every planned run: labels + hash (rewritten atomically)
       runs/<hash>/spec.json   # resolved spec, seed, package versions, git revision
       runs/<hash>/metrics.parquet   # per-step metrics (tidy, one row per logged step)
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from importlib import metadata
@@ -31,8 +33,14 @@ from typing import Any
 import pandas as pd
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: output directories are not locked
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "DONE_STATUSES",
+    "FolderLock",
     "RunStore",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -42,10 +50,21 @@ __all__ = [
     "git_revision",
     "read_json",
     "safe_name",
+    "warn",
 ]
 
 #: Summary statuses that count as finished (skipped on resume).
 DONE_STATUSES = frozenset({"completed", "diverged", "pruned"})
+
+
+_WARNED: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` to stderr (once per process for the same message)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -174,6 +193,8 @@ class RunStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
+        #: the directory's lock, when this store writes (see ``prepare_output``)
+        self.lock: FolderLock = FolderLock(self.root)
 
     # paths -----------------------------------------------------------------------------------
     def run_dir(self, run_hash: str) -> Path:
@@ -193,12 +214,36 @@ class RunStore:
         return self.root / "index.json"
 
     def read_index(self) -> dict[str, Any]:
-        """The index (``{"kind", "name", "entries": [...]}``), empty when absent."""
-        data = read_json(self.index_path)
-        if not isinstance(data, dict):
+        """The index (``{"kind", "name", "entries": [...]}``), empty when absent.
+
+        An index that exists but is unreadable (not JSON, not an object, malformed entries) is
+        rebuilt from the run folders' ``spec.json`` files, with a warning, instead of reading as
+        "no runs".
+        """
+        if not self.index_path.exists():
             return {"entries": []}
-        data.setdefault("entries", [])
-        return data
+        data = read_json(self.index_path)
+        if _valid_index(data):
+            return data
+        entries = self._entries_from_run_folders()
+        warn(
+            f"{self.index_path} is unreadable or malformed; rebuilt its {len(entries)} entries "
+            "from the run folders (runs/*/spec.json)"
+        )
+        return {"entries": entries}
+
+    def _entries_from_run_folders(self) -> list[dict[str, Any]]:
+        out = []
+        runs = self.root / "runs"
+        for d in sorted(runs.iterdir()) if runs.is_dir() else []:
+            rec = read_json(d / "spec.json")
+            if (
+                isinstance(rec, dict)
+                and rec.get("hash") == d.name
+                and isinstance(rec.get("labels"), dict)
+            ):
+                out.append({"hash": d.name, "labels": rec["labels"]})
+        return out
 
     def write_index(self, index: Mapping[str, Any]) -> None:
         """Atomically replace the index."""
@@ -228,26 +273,131 @@ class RunStore:
 
     # runs ------------------------------------------------------------------------------------
     def summary(self, run_hash: str) -> dict[str, Any] | None:
-        """The run's summary, or ``None`` when it has not finished."""
-        data = read_json(self.run_dir(run_hash) / "summary.json")
-        return data if isinstance(data, dict) else None
+        """The run's summary, or ``None`` when it has not finished.
+
+        A ``summary.json`` that is not a JSON object is reported (a warning naming the file)
+        and counts as unfinished, so ``--resume`` runs the run again.
+        """
+        path = self.run_dir(run_hash) / "summary.json"
+        data = read_json(path)
+        if isinstance(data, dict):
+            return data
+        if path.exists():
+            warn(
+                f"{path} is not a run summary ({_what(data)}); the run counts as unfinished: "
+                "rerun it with --resume"
+            )
+        return None
 
     def is_done(self, run_hash: str) -> bool:
-        """Whether the run finished (completed, diverged or pruned)."""
+        """Whether the run finished (completed, diverged or pruned) and its metrics file is
+        readable (a finished run whose ``metrics.parquet`` is damaged is run again)."""
         s = self.summary(run_hash)
-        return bool(s) and s.get("status") in DONE_STATUSES
+        if not s or s.get("status") not in DONE_STATUSES:
+            return False
+        return self.metrics(run_hash) is not None
 
     def metrics(self, run_hash: str) -> pd.DataFrame | None:
-        """The run's per-step metrics, or ``None``."""
+        """The run's per-step metrics, or ``None`` when absent or unreadable (the latter with
+        a warning naming the file)."""
         p = self.run_dir(run_hash) / "metrics.parquet"
-        if not p.exists():
-            return None
-        return pd.read_parquet(p)
+        return read_metrics(p)
 
     def iter_entries(self) -> Iterator[dict[str, Any]]:
         """Index entries joined with their summaries (``summary`` may be ``None``)."""
         for e in self.read_index()["entries"]:
             yield {**e, "summary": self.summary(e["hash"])}
+
+
+def _valid_index(data: Any) -> bool:
+    if not isinstance(data, dict):
+        return False
+    entries = data.setdefault("entries", [])
+    return isinstance(entries, list) and all(
+        isinstance(e, dict)
+        and isinstance(e.get("hash"), str)
+        and e["hash"].isalnum()
+        and isinstance(e.get("labels"), dict)
+        for e in entries
+    )
+
+
+def _what(data: Any) -> str:
+    if data is None:
+        return "not valid JSON"
+    return f"a JSON {type(data).__name__}, not an object"
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame | None:
+    """Read a ``metrics.parquet``; ``None`` when it is absent, or when it is unreadable
+    (truncated, corrupt), then with a warning naming the file."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        return pd.read_parquet(p)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        warn(
+            f"{p} is unreadable ({type(exc).__name__}: {exc}); its run counts as unfinished "
+            "and is left out of the curves: --resume runs it again"
+        )
+        return None
+
+
+class FolderLock:
+    """An exclusive lock on an output directory (``OUT/.lock``, ``flock``), so that only one
+    qlrlab process writes into it at a time; released on exit (also when the process is
+    killed, by the kernel).
+
+    Raises:
+        SpecError: (on entering) another process holds the lock; names its pid and the fix.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def acquire(self) -> None:
+        """Take the lock (not blocking)."""
+        if fcntl is None:
+            return
+        from qlrlab.engine.specs import SpecError
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise SpecError(
+                f"another qlrlab process (pid {holder}) is writing into {self.root.resolve()}",
+                fix="wait for it to finish (or stop it: Ctrl-C, then --resume), or use --out DIR",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (a no-op when not held)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> None:
@@ -277,8 +427,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         return None
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # a corrupt or foreign file is treated as absent
+    except Exception as exc:  # a corrupt or foreign file is treated as absent
+        warn(f"{p} is unreadable ({type(exc).__name__}); its run starts again from step 0")
         return None
 
 
-__all__ += ["load_checkpoint", "save_checkpoint", "write_parquet_atomic"]
+__all__ += ["load_checkpoint", "read_metrics", "save_checkpoint", "write_parquet_atomic"]

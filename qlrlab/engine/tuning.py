@@ -3,10 +3,11 @@
 Two back-ends run the same :class:`~qlrlab.engine.specs.TuneSpec`:
 
 * **Optuna** (default, embedded): the study lives in ``OUT/optuna.db`` (SQLite), so an interrupted
-  study resumes: trials left ``RUNNING`` by a killed process are marked failed and re-queued with
-  the same parameters (their run continues from its checkpoint). Early stopping uses Optuna's
-  successive-halving (ASHA) or Hyperband pruner on optimiser steps or on training seconds
-  (reported in milliseconds). One ``qlrlab tune`` process per study directory.
+  study resumes: trials left ``RUNNING`` by a killed process are continued as the same trials
+  (their runs continue from their checkpoints, their rung values stay theirs), however often the
+  study was killed. Early stopping uses Optuna's successive-halving (ASHA) or Hyperband pruner on
+  optimiser steps or on training seconds (reported in milliseconds). One ``qlrlab tune`` process
+  per study directory (a second one is refused).
 * **Ray Tune** (clusters): ``ASHAScheduler`` with ``time_attr`` = steps or training seconds, on
   a Ray cluster (``--address``) or a local Ray instance; resumes with ``Tuner.restore``.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qlrlab.engine.ablation import AblationResult, execute_planned, preflight, prepare_output
-from qlrlab.engine.runner import run_safely
+from qlrlab.engine.runner import RunInterrupted, run_safely
 from qlrlab.engine.specs import (
     PlannedRun,
     RunSpec,
@@ -162,6 +163,12 @@ class _TrialFailed(RuntimeError):
     pass
 
 
+class _TrialInterrupted(BaseException):
+    """Ctrl-C/SIGTERM inside a trial. Neither an ``Exception`` nor a ``KeyboardInterrupt``, so
+    Optuna does not mark the trial failed: it stays ``RUNNING`` and ``--resume`` continues it
+    from its run's checkpoint."""
+
+
 def _suggest(trial: Any, key: str, p: Any) -> Any:
     if p.type == "log_uniform":
         return trial.suggest_float(key, p.low, p.high, log=True)
@@ -213,7 +220,9 @@ def _tune_optuna(
         existing = storage.get_all_trials(study_id, deepcopy=False)
     except KeyError:
         study_id = None
-    # Trials left RUNNING by a killed process: fail them and re-queue their parameters.
+    # Trials left RUNNING by a killed process are continued, as the same trials: their runs
+    # resume from their checkpoints and keep the rung values they reached, so a retry is never
+    # judged against stale values of its own earlier attempts.
     stale = [t for t in existing if t.state == TrialState.RUNNING]
     n_prev = len(existing)
     sampler: Any
@@ -229,24 +238,16 @@ def _tune_optuna(
         sampler=sampler,
         pruner=_optuna_pruner(spec, base),
     )
-    study_id = storage.get_study_id_from_name(spec.name)
-    for t in stale:
-        tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(tid, "stale", True)
-        storage.set_trial_state_values(tid, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
 
     def finished(t: Any) -> bool:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             return True
         return t.state == TrialState.FAIL and not t.user_attrs.get("stale")
 
-    done = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
-    remaining = max(0, spec.n_trials - done)
     base_dump = base.model_dump(mode="json")
     resource = _resource_fn(spec)
 
-    def objective(trial: Any) -> float:
+    def objective(trial: Any, last_reported: int = -1) -> float:
         params = {key: _suggest(trial, key, p) for key, p in spec.space.items()}
         run = apply_overrides(base_dump, spec.params_to_overrides(params))
         h = run_hash(run)
@@ -258,7 +259,7 @@ def _tune_optuna(
             if summary and summary.get("status") == "pruned":
                 raise optuna.TrialPruned()
             return _objective_value(spec, summary, store, h)
-        last = [-1]
+        last = [last_reported]  # a continued trial does not report its steps again
 
         def reporter(step: int, seconds: float, metrics: Mapping[str, float]) -> bool:
             value = _metric_from(spec, metrics)
@@ -269,21 +270,43 @@ def _tune_optuna(
             trial.report(value, r)
             return bool(trial.should_prune())
 
-        res = run_safely(run, store, labels=labels, reporter=reporter)
+        try:
+            res = run_safely(run, store, labels=labels, reporter=reporter)
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            raise _TrialInterrupted(str(exc) or "interrupted") from None
         if res.status == "pruned":
             raise optuna.TrialPruned()
         if res.status == "failed":
             raise _TrialFailed(res.summary.get("error", "run failed"))
         return _objective_value(spec, res.summary, store, h)
 
-    if remaining:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            catch=(_TrialFailed,),
-            show_progress_bar=False,
-            gc_after_trial=False,
-        )
+    try:
+        for t in stale:
+            if not t.params and spec.space:  # killed before its parameters were drawn
+                storage.set_trial_user_attr(t._trial_id, "stale", True)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                continue
+            trial = optuna.trial.Trial(study, t._trial_id)
+            try:
+                value = objective(trial, max(t.intermediate_values, default=-1))
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+            except _TrialFailed:
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                study.tell(trial, value)
+        done = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
+        remaining = max(0, spec.n_trials - done)
+        if remaining:
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                catch=(_TrialFailed,),
+                show_progress_bar=False,
+                gc_after_trial=False,
+            )
+    except _TrialInterrupted as exc:
+        raise RunInterrupted(f"{exc}; the trial continues on --resume") from None
     n_finished = sum(1 for t in study.get_trials(deepcopy=False) if finished(t))
     complete = [
         t

@@ -58,6 +58,7 @@ class ImageTask(ArrayTask):
         self.std = std.to(self.device)
         self._mean = self.mean.to(self.dtype)
         self._inv_std = (1.0 / self.std).to(self.dtype)
+        self.__dict__.pop("_prepared", None)  # evaluation inputs prepared with older statistics
 
     def prepare(self, inputs: Tensor, split: Split, epoch_state: Any = None) -> Tensor:
         """``(x − mean) / std`` in the task dtype."""
