@@ -2,8 +2,7 @@
 
 Each preset is a function returning an :class:`~qlrlab.OptimizerSpec`; :data:`PRESETS` maps names
 to them (``qlrlab presets`` lists them) and :func:`get_preset` applies keyword overrides. The
-untuned values follow Clarke & Hernández-Lobato (2024), §1.5 and §5.3 of
-``notes/adamqlr-paper-and-code.md``.
+untuned values follow Clarke & Hernández-Lobato (2024) and the authors' published code.
 """
 
 from __future__ import annotations
