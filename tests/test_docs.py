@@ -162,6 +162,7 @@ _DOC_FILES = [
     "docs/installation.md",
     "docs/performance.md",
     "docs/kfac.md",
+    "docs/training-loop.md",
 ]
 
 

@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "qlrlab"
 
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("_state", "_tensorlist", "_passes", "_compat", "losses", "registry", "plugins",
+    (0, ("_lifeline", "_observe", "_state", "_tensorlist", "_passes", "_compat", "losses", "registry", "plugins",
          "distributed", "models", "data")),
     (1, ("interfaces",)),
     (2, ("backends",)),
