@@ -224,6 +224,13 @@ OPTIMISERS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamqlr (curvlinops)": ("adamqlr", {"curvature.backend": "curvlinops"}),
     "kfac": ("kfac", {}),
     "kfac (inverses every 10)": ("kfac", {"direction.inverse_period": 10}),
+    "kfac (backpack)": ("kfac", {"direction.backend": "backpack"}),
+    "lbfgs": ("lbfgs", {}),
+    "lbfgs_qlr": ("lbfgs_qlr", {}),
+    "fadam": ("fadam", {}),
+    "fadam_qlr": ("fadam_qlr", {}),
+    "adafisher": ("adafisher", {}),
+    "adafisher_qlr": ("adafisher_qlr", {}),
 }
 
 

@@ -64,6 +64,13 @@ def ppid_state(pid: int) -> tuple[int, str] | None:
     return int(f[1]), f[0]
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     st = ppid_state(pid)
     return st is not None and st[1] not in ("Z", "X")
@@ -141,16 +148,27 @@ def sigkills(work: Path, kills: int) -> dict:
     subprocess.run(ablate_cmd(spec, ref, "--workers", "1"), env=ENV, check=True, timeout=600)
     out = work / "k_out"
     leaked = killed = written_after = 0
-    delays = [0.5 + 8.0 * i / max(1, kills - 1) for i in range(kills)]
+    # moments after both workers exist: 0 s (still importing torch) ... 6 s (training)
+    delays = [6.0 * i / max(1, kills - 1) for i in range(kills)]
     for i, delay in enumerate(delays):
         proc = start(ablate_cmd(spec, out, "--workers", "2", *(["--resume"] if i else [])))
         seen: set[int] = set()
+        while (
+            proc.poll() is None
+            and sum(
+                "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")
+                for p in descendants(proc.pid)
+                if alive(p)
+            )
+            < 2
+        ):
+            time.sleep(0.02)
         watch(proc, delay, seen)
         if proc.poll() is not None:  # finished before the kill: start again without it
             continue
         seen |= descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # not communicate(): orphans would hold its pipes open
         killed += 1
         leaked += survivors_after(seen, 10.0)
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
@@ -188,6 +206,8 @@ def ctrl_c_run(work: Path) -> dict:
 
     ck = rdir / "checkpoint.pt"
     step = int(torch.load(ck, weights_only=True)["step"]) if ck.exists() else None
+    if step is not None and step % every == 0:
+        step = f"none (the last periodic one is at step {step})"
     done = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     df = pd.read_parquet(rdir / "metrics.parquet")
     return {

@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from qlrlab._compat import version, written_since
+
 __all__ = ["autocast_off", "differentiable_attention", "functional_forward", "side_effect_free"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -105,8 +107,8 @@ def _buffers_untouched(model: nn.Module) -> Iterator[None]:
             for b in m.buffers(recurse=False):
                 bn_buffers.add(id(b))
             m.track_running_stats = False
-    saved: list[tuple[Tensor, int, Tensor]] = [
-        (b, b._version, b.detach().clone()) for b in model.buffers() if id(b) not in bn_buffers
+    saved: list[tuple[Tensor, int | None, Tensor]] = [
+        (b, version(b), b.detach().clone()) for b in model.buffers() if id(b) not in bn_buffers
     ]
     try:
         yield
@@ -114,8 +116,8 @@ def _buffers_untouched(model: nn.Module) -> Iterator[None]:
         for m in bn_changed:
             m.track_running_stats = True
         with torch.no_grad():
-            for b, version, copy in saved:
-                if b._version != version:  # written in place: restore (untouched ones stay as
+            for b, recorded, copy in saved:
+                if written_since(b, recorded):  # written in place: restore (untouched ones stay as
                     b.copy_(copy)  # they are, so autograd graphs that saved them stay valid)
 
 

@@ -27,12 +27,16 @@ def clone_state(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def state_to_device(obj: Any, device: torch.device) -> Any:
-    """The state tree with every tensor moved to ``device``."""
+def state_to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """The state tree with every tensor moved to ``device`` and, when ``dtype`` is given (the
+    parameters' dtype), every floating tensor cast to it (a float32 checkpoint loads into a
+    float64 model)."""
     if isinstance(obj, Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
         return obj.to(device)
     if isinstance(obj, dict):
-        return {k: state_to_device(v, device) for k, v in obj.items()}
+        return {k: state_to_device(v, device, dtype) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(state_to_device(v, device) for v in obj)
+        return type(obj)(state_to_device(v, device, dtype) for v in obj)
     return obj

@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from qlrlab.distributed import all_reduce_gradients, all_reduce_mean, is_distributed
 from qlrlab.optimizer import ComposedOptimizer
 from qlrlab.presets import get_preset
 from qlrlab.specs import OptimizerSpec
 
-__all__ = ["build_optimizer", "resolve_spec"]
+__all__ = ["build_distributed_optimizer", "build_optimizer", "resolve_spec"]
 
 
 def resolve_spec(spec: OptimizerSpec | Mapping[str, Any] | str) -> OptimizerSpec:
@@ -48,7 +51,7 @@ def build_optimizer(
         params: parameters or param groups (default: all trainable parameters of ``model``).
         all_reduce: data-parallel averaging of scalars (see :mod:`qlrlab.distributed`).
         grad_all_reduce: in-place data-parallel averaging of the gradients (not needed with a
-            DDP-wrapped model); :func:`qlrlab.distributed.build_distributed_optimizer` sets both.
+            DDP-wrapped model); :func:`build_distributed_optimizer` sets both.
         output: which output of the model feeds the loss when the model returns a dict, a
             Hugging Face ``ModelOutput`` or a tuple: a key (``"logits"``), an index, or a
             callable ``outputs -> tensor``.
@@ -72,4 +75,54 @@ def build_optimizer(
         grad_all_reduce=grad_all_reduce,
         output=output,
         gradient=spec.gradient,
+    )
+
+
+def build_distributed_optimizer(
+    spec: Any,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    params: Iterable[Any] | None = None,
+    *,
+    group: Any = None,
+    sync_initial_parameters: bool = True,
+) -> Any:
+    """:func:`qlrlab.build_optimizer` wired for data parallelism.
+
+    Scalars are averaged with :func:`all_reduce_mean`; gradients with
+    :func:`all_reduce_gradients` unless ``model`` is a ``DistributedDataParallel`` module
+    (whose backward already averages them). Outside a process group this is exactly
+    ``build_optimizer``.
+
+    Args:
+        spec: optimiser spec, mapping or preset name.
+        model: the model (plain, or wrapped in ``DistributedDataParallel``).
+        loss_fn: mean-reduced loss.
+        params: parameters or groups (default: all trainable parameters).
+        group: process group (default: the world).
+        sync_initial_parameters: broadcast rank 0's parameters and buffers first (DDP does
+            this itself).
+    """
+    if not is_distributed():
+        return build_optimizer(spec, model, loss_fn, params)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if sync_initial_parameters and not ddp:
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                src = dist.get_global_rank(group, 0) if group is not None else 0
+                dist.broadcast(t, src=src, group=group)
+
+    def reduce_scalar(t: Tensor) -> Tensor:
+        return all_reduce_mean(t, group)
+
+    def reduce_grads(gs: list[Tensor]) -> None:
+        all_reduce_gradients(gs, group)
+
+    return build_optimizer(
+        spec,
+        model,
+        loss_fn,
+        params,
+        all_reduce=reduce_scalar,
+        grad_all_reduce=None if ddp else reduce_grads,
     )

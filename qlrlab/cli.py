@@ -260,8 +260,11 @@ def _finish(result: Any, out: Path, args: argparse.Namespace) -> int:
         f"runs: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'none'}",
         file=sys.stderr,
     )
-    for h, err in result.errors.items():
+    if result.errors:  # the first failure once, then a count (tracebacks: summary.json)
+        h, err = next(iter(result.errors.items()))
         print(f"run {h} failed: {err} (see {out / 'runs' / h / 'summary.json'})", file=sys.stderr)
+        if len(result.errors) > 1:
+            print(f"... and {len(result.errors) - 1} more failed run(s)", file=sys.stderr)
     if not args.no_report:
         _report(out, args.quiet)
     return EXIT_FAILED if result.failed else EXIT_OK
@@ -335,7 +338,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from qlrlab.engine.specs import TuneSpec
-    from qlrlab.engine.tuning import run_tune
+    from qlrlab.engine.tuning import TrialsFailed, failure_summary, run_tune
 
     base_over, top = _split_overrides(args.overrides)
     spec, _ = _load_top(TuneSpec, args.spec, top)
@@ -350,28 +353,36 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"{spec.n_trials} trials + {len(spec.repeat_seed_list())} repeats -> {out}")
         return EXIT_OK
     _check_out(out)
-    res = run_tune(
-        spec,
-        out,
-        base_overrides=base_over,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        backend=args.backend,
-        address=args.address,
-        workers=args.workers,
-    )
+    try:
+        res = run_tune(
+            spec,
+            out,
+            base_overrides=base_over,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            backend=args.backend,
+            address=args.address,
+            workers=args.workers,
+        )
+    except TrialsFailed as exc:  # no best configuration: no report that looks like a result
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"  (tracebacks: {out / 'runs'}/*/summary.json)", file=sys.stderr)
+        return EXIT_FAILED
     print(
         f"trials: {res.n_trials}; best {spec.metric} ({spec.scope}) = {res.best_value}",
         file=sys.stderr,
     )
+    if res.failures:
+        print(f"warning: {failure_summary(res.failures, res.n_trials)}", file=sys.stderr)
     for k, v in res.best_overrides:
         print(f"  {k} = {v}", file=sys.stderr)
     if res.repeats is not None:
-        return _finish(res.repeats, out, args)
+        code = _finish(res.repeats, out, args)
+        return EXIT_FAILED if res.failures else code
     if not args.no_report:
         _report(out, args.quiet)
-    return EXIT_OK if res.best_params else EXIT_FAILED
+    return EXIT_OK if res.best_params and not res.failures else EXIT_FAILED
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

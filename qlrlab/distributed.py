@@ -38,20 +38,19 @@ CLI calls :func:`init_from_env` first, which is a no-op outside ``torchrun``, an
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "DistInfo",
     "all_reduce_gradients",
     "all_reduce_mean",
     "broadcast_from_owners",
-    "build_distributed_optimizer",
     "init_from_env",
     "is_distributed",
     "shard",
@@ -217,53 +216,12 @@ def shard(batch: Any, rank: int | None = None, world_size: int | None = None) ->
     return batch[r * k : (r + 1) * k]
 
 
-def build_distributed_optimizer(
-    spec: Any,
-    model: nn.Module,
-    loss_fn: nn.Module,
-    params: Iterable[Any] | None = None,
-    *,
-    group: Any = None,
-    sync_initial_parameters: bool = True,
-) -> Any:
-    """:func:`qlrlab.build_optimizer` wired for data parallelism.
+def __getattr__(name: str) -> Any:
+    """``qlrlab.distributed.build_distributed_optimizer``: kept as an alias of
+    :func:`qlrlab.build.build_distributed_optimizer` (the builder sits above the optimiser;
+    this module holds only communication primitives, below the components)."""
+    if name == "build_distributed_optimizer":
+        from qlrlab.build import build_distributed_optimizer
 
-    Scalars are averaged with :func:`all_reduce_mean`; gradients with
-    :func:`all_reduce_gradients` unless ``model`` is a ``DistributedDataParallel`` module
-    (whose backward already averages them). Outside a process group this is exactly
-    ``build_optimizer``.
-
-    Args:
-        spec: optimiser spec, mapping or preset name.
-        model: the model (plain, or wrapped in ``DistributedDataParallel``).
-        loss_fn: mean-reduced loss.
-        params: parameters or groups (default: all trainable parameters).
-        group: process group (default: the world).
-        sync_initial_parameters: broadcast rank 0's parameters and buffers first (DDP does
-            this itself).
-    """
-    from qlrlab.build import build_optimizer
-
-    if not is_distributed():
-        return build_optimizer(spec, model, loss_fn, params)
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    if sync_initial_parameters and not ddp:
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                src = dist.get_global_rank(group, 0) if group is not None else 0
-                dist.broadcast(t, src=src, group=group)
-
-    def reduce_scalar(t: Tensor) -> Tensor:
-        return all_reduce_mean(t, group)
-
-    def reduce_grads(gs: list[Tensor]) -> None:
-        all_reduce_gradients(gs, group)
-
-    return build_optimizer(
-        spec,
-        model,
-        loss_fn,
-        params,
-        all_reduce=reduce_scalar,
-        grad_all_reduce=None if ddp else reduce_grads,
-    )
+        return build_distributed_optimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -272,7 +272,19 @@ class BoundCurvature(ABC):
 
 
 class CurvatureOracle(Component, ABC):
-    """Factory of :class:`BoundCurvature` objects, one per step."""
+    """Factory of :class:`BoundCurvature` objects, one per step.
+
+    Attributes:
+        reference: what the oracle computes exactly, for the contract's dense float64 check
+            (:mod:`qlrlab.testing`): ``"ggn"``, ``"hessian"``, ``"empirical_fisher"``, or
+            ``None`` (an approximation or a random estimate: only symmetry and consistency
+            are checked).
+        data_parallel_exact: averaging the workers' quadratic forms gives the full batch's
+            (``False`` for Monte-Carlo estimates, whose samples differ per worker).
+    """
+
+    reference: str | None = None
+    data_parallel_exact: bool = True
 
     @abstractmethod
     def bind(self, problem: Problem) -> BoundCurvature:

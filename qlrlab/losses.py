@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlrlab._compat import global_module_hooks
+
 __all__ = [
     "OUTPUT_HESSIANS",
     "SQUARED_ERROR_LOSSES",
@@ -197,7 +199,6 @@ def _ce_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> T
 def _plain_ce(loss_fn: nn.Module) -> bool:
     """A ``CrossEntropyLoss`` whose value :func:`loss_value` may compute itself: the built-in
     ``forward``, no hooks, no class weights, no label smoothing, a scalar reduction."""
-    g = nn.modules.module
     return (
         isinstance(loss_fn, nn.CrossEntropyLoss)
         and type(loss_fn).forward is nn.CrossEntropyLoss.forward
@@ -206,7 +207,7 @@ def _plain_ce(loss_fn: nn.Module) -> bool:
         and loss_fn.label_smoothing == 0.0
         and loss_fn.reduction in ("mean", "sum")
         and not _foreign_hooks(loss_fn)
-        and not (g._global_forward_hooks or g._global_forward_pre_hooks)
+        and not global_module_hooks(backward=False)
     )
 
 
@@ -382,7 +383,7 @@ class NaNPaddedLoss(nn.Module):
     (:data:`SQUARED_ERROR_LOSSES`) the padded rows add zero to an average over all :math:`B`
     rows, so the output Hessian, and with it :math:`d^\top C d`, is scaled by :math:`n / B`
     (measured on UCI Energy at :math:`B = 3200 > 588` rows: the first α about 5× too large,
-    divergence within about 200 steps; notes/adamqlr-paper-and-code.md, pitfall 15). Other
+    divergence within about 200 steps). Other
     losses are unaffected, as in the original (their NaN rows are skipped). Only the GGN's
     closed-form output Hessian (:data:`OUTPUT_HESSIANS`) carries the factor; the Hessian oracle
     differentiates :meth:`forward` and sees the unscaled loss, as the original's ``nanmean``

@@ -801,7 +801,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if extra is None:
             return
         dev = self._params[0].device if self._params else torch.device("cpu")
-        extra = state_to_device(extra, dev)
+        dtype = self._params[0].dtype if self._params else None
+        extra = state_to_device(extra, dev, dtype)
         self._step = int(extra["step"])
         self.direction.load_state_dict(extra["direction"])
         if self.curvature is not None:

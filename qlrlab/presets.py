@@ -2,8 +2,7 @@
 
 Each preset is a function returning an :class:`~qlrlab.OptimizerSpec`; :data:`PRESETS` maps names
 to them (``qlrlab presets`` lists them) and :func:`get_preset` applies keyword overrides. The
-untuned values follow Clarke & Hernández-Lobato (2024), §1.5 and §5.3 of
-``notes/adamqlr-paper-and-code.md``.
+untuned values follow Clarke & Hernández-Lobato (2024) and the authors' published code.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from qlrlab.specs import OptimizerSpec
 
 __all__ = [
     "PRESETS",
+    "adafisher",
+    "adafisher_qlr",
     "adam",
     "adam_tuned_eps",
     "adam_untuned",
@@ -23,11 +24,15 @@ __all__ = [
     "adamqlr_undamped",
     "adamqlr_v1",
     "baydin_sgd",
+    "fadam",
+    "fadam_qlr",
     "get_preset",
     "hessian_free",
     "kfac",
     "kfac_unadaptive",
     "kfac_untuned",
+    "lbfgs",
+    "lbfgs_qlr",
     "preset",
     "sgd",
     "sgd_full",
@@ -139,16 +144,24 @@ def kfac(
     damping_decay: float = 0.9,
     fisher: str = "mc",
     damping_mode: str = "factored_pi",
-    fallback: str = "diag_ggn",
+    fallback: str = "adam",
+    backend: str = "auto",
+    bias: str = "joint",
+    kfac_approx: str = "expand",
 ) -> OptimizerSpec:
     """K-FAC as the paper ran kfac-jax 0.0.3: Kronecker factors from one Monte-Carlo sample
-    (BackPACK ``KFAC``), curvature EMA 0.95, inverses and damping adapted every step, factored
-    Tikhonov damping with the π correction, learning rate and momentum from the 2×2 exact (GGN)
-    quadratic model, damping λ0 = 1 adapted by ×0.9 / ÷0.9 with ρ from the undamped model."""
+    (hook back-end, own generator), kfac-jax's joint ``[W b]`` bias block, curvature EMA 0.95,
+    inverses and damping adapted every step, factored Tikhonov damping with the π correction,
+    learning rate and momentum from the 2×2 exact (GGN) quadratic model, damping λ0 = 1
+    adapted by ×0.9 / ÷0.9 with ρ from the undamped model. Parameters of other layers
+    (Embedding, LayerNorm, tied weights) get Adam's diagonal (``fallback: adam``)."""
     return OptimizerSpec.model_validate(
         {
             "direction": {
                 "name": "kfac",
+                "backend": backend,
+                "bias": bias,
+                "kfac_approx": kfac_approx,
                 "fisher": fisher,
                 "curvature_ema": curvature_ema,
                 "inverse_period": inverse_period,
@@ -183,7 +196,12 @@ def kfac_unadaptive(
     with every ``use_adaptive_*`` off; file defaults lr 1e-3, μ 0.9, λ 1)."""
     return OptimizerSpec.model_validate(
         {
-            "direction": {"name": "kfac", "curvature_ema": curvature_ema},
+            "direction": {
+                "name": "kfac",
+                "curvature_ema": curvature_ema,
+                "bias": "joint",
+                "fallback": "adam",
+            },
             "step_size": {"name": "momentum", "lr": lr, "momentum": momentum},
             "damping": {"name": "constant", "value": damping},
         }
@@ -284,3 +302,88 @@ def hessian_free(
             "damping": _lm(initial_damping, 2.0 / 3.0, 1.5),
         }
     )
+
+
+# -- the other curvature-based directions, alone and under the QLR heuristics (issue 18) --------
+
+
+def _qlr(
+    direction: dict[str, Any], initial_damping: float, decrease: float, increase: float
+) -> OptimizerSpec:
+    """``direction`` with AdamQLR's heuristics: GGN quadratic-model α, Levenberg–Marquardt λ."""
+    return OptimizerSpec.model_validate(
+        {
+            "direction": direction,
+            "curvature": {"name": "ggn"},
+            "step_size": {"name": "quadratic"},
+            "damping": _lm(initial_damping, decrease, increase),
+        }
+    )
+
+
+@preset
+def lbfgs(history: int = 10, pairs: str = "same_batch") -> OptimizerSpec:
+    """L-BFGS (Liu & Nocedal, 1989) with its own step rule, a line search capped at the unit
+    step: Armijo backtracking on the mini-batch (first trial 1, then min(1, 2α_{t-1}); ×½,
+    c = 10⁻⁴), memory ``history``."""
+    return OptimizerSpec.model_validate(
+        {
+            "direction": {"name": "lbfgs", "history": history, "pairs": pairs},
+            "step_size": {"name": "backtracking", "initial": 1.0, "max_lr": 1.0, "grow": 2.0},
+        }
+    )
+
+
+@preset
+def lbfgs_qlr(
+    history: int = 10,
+    pairs: str = "same_batch",
+    initial_damping: float = 1e-3,
+    decrease: float = 0.5,
+    increase: float = 2.0,
+) -> OptimizerSpec:
+    """The L-BFGS direction under AdamQLR's heuristics (GGN quadratic-model α, Levenberg–Marquardt
+    λ0 = 10⁻³, ×½ / ×2)."""
+    return _qlr(
+        {"name": "lbfgs", "history": history, "pairs": pairs}, initial_damping, decrease, increase
+    )
+
+
+@preset
+def fadam(lr: float = 1e-3, weight_decay: float = 0.0) -> OptimizerSpec:
+    """FAdam (Hwang, 2024) with its own step rule, a fixed learning rate η (β = 0.9 / 0.999,
+    ε = 10⁻⁸, c = 1, p = ½)."""
+    return OptimizerSpec.model_validate(
+        {
+            "direction": {"name": "fadam", "weight_decay": weight_decay},
+            "step_size": {"name": "fixed", "lr": lr},
+        }
+    )
+
+
+@preset
+def fadam_qlr(
+    initial_damping: float = 1e-3, decrease: float = 0.5, increase: float = 2.0
+) -> OptimizerSpec:
+    """The FAdam direction under AdamQLR's heuristics."""
+    return _qlr({"name": "fadam"}, initial_damping, decrease, increase)
+
+
+@preset
+def adafisher(lr: float = 1e-3, damping: float = 1e-3, gamma: float = 0.8) -> OptimizerSpec:
+    """AdaFisher (Gomes et al., 2024) with its own step rule, a fixed learning rate η (β = 0.9,
+    EMA γ = 0.8, Tikhonov λ = 10⁻³ inside the direction)."""
+    return OptimizerSpec.model_validate(
+        {
+            "direction": {"name": "adafisher", "damping": damping, "gamma": gamma},
+            "step_size": {"name": "fixed", "lr": lr},
+        }
+    )
+
+
+@preset
+def adafisher_qlr(
+    initial_damping: float = 1e-3, decrease: float = 0.5, increase: float = 2.0
+) -> OptimizerSpec:
+    """The AdaFisher direction (its own Tikhonov λ = 10⁻³ kept) under AdamQLR's heuristics."""
+    return _qlr({"name": "adafisher"}, initial_damping, decrease, increase)

@@ -21,6 +21,7 @@ An unknown name is rejected with a message listing the registered names.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -68,11 +69,26 @@ class Registry(Generic[S]):
 
     Args:
         family: the family's name as it appears in an ``OptimizerSpec`` (``"direction"``...).
+        off: what switching the family off means (the value an ablation's ``minus:`` puts in
+            its place, e.g. ``None`` for the curvature); leave unset for a family that cannot be
+            switched off.
+
+    Attributes:
+        can_switch_off: whether ``off`` was given.
     """
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, *, off: Any = ...) -> None:
         self.family = family
         self._table: dict[str, type[S]] = {}
+        self.can_switch_off = off is not ...
+        self._off = off
+
+    @property
+    def off(self) -> Any:
+        """The "switched off" value of this family (a copy; ``ValueError`` if it has none)."""
+        if not self.can_switch_off:
+            raise ValueError(f"the {self.family} family cannot be switched off")
+        return copy.deepcopy(self._off)
 
     def register(self, name: str, *, overwrite: bool = False) -> Callable[[type[S]], type[S]]:
         """Class decorator registering a spec class under ``name``.
@@ -152,9 +168,9 @@ class Registry(Generic[S]):
 
 DIRECTIONS: Registry[ComponentSpec] = Registry("direction")
 """Direction providers (:class:`qlrlab.interfaces.DirectionProvider`), by spec name."""
-CURVATURES: Registry[ComponentSpec] = Registry("curvature")
+CURVATURES: Registry[ComponentSpec] = Registry("curvature", off=None)
 """Curvature oracles (:class:`qlrlab.interfaces.CurvatureOracle`), by spec name."""
 STEP_SIZES: Registry[ComponentSpec] = Registry("step_size")
 """Step-size rules (:class:`qlrlab.interfaces.StepSizeRule`), by spec name."""
-DAMPINGS: Registry[ComponentSpec] = Registry("damping")
+DAMPINGS: Registry[ComponentSpec] = Registry("damping", off={"name": "constant", "value": 0.0})
 """Damping schedules (:class:`qlrlab.interfaces.DampingSchedule`), by spec name."""

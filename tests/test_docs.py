@@ -161,6 +161,7 @@ _DOC_FILES = [
     "docs/experiments.md",
     "docs/installation.md",
     "docs/performance.md",
+    "docs/kfac.md",
     "docs/training-loop.md",
 ]
 

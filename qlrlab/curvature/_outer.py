@@ -18,12 +18,23 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from qlrlab._passes import functional_forward, side_effect_free
 from qlrlab.interfaces import BoundCurvature, Problem
 
 __all__ = ["BoundOuterProduct"]
+
+
+def ce_mask(loss_fn: nn.CrossEntropyLoss, z: Tensor, y: Tensor) -> tuple[Tensor, float]:
+    """Which cross-entropy outputs count (targets not ``ignore_index``), broadcast to ``z``, and
+    how many positions count (the ``mean`` reduction's divisor). Class-probability targets all
+    count."""
+    if y.dtype.is_floating_point:  # class probabilities
+        count = z.numel() // z.shape[1] if z.ndim > 1 else 1
+        return torch.ones_like(z), float(count)
+    mask = (y != loss_fn.ignore_index).unsqueeze(1).to(z.dtype)
+    return mask.expand_as(z), float(mask.sum())
 
 
 class BoundOuterProduct(BoundCurvature):

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qlrlab.curvature._outer import BoundOuterProduct
-from qlrlab.curvature.fisher_mc import _ce_mask, check_outer_loss
+from qlrlab.curvature._outer import BoundOuterProduct, ce_mask
+from qlrlab.curvature.fisher_mc import check_outer_loss
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
 from qlrlab.losses import HalfMSELoss
 from qlrlab.registry import CURVATURES, ComponentSpec
@@ -38,7 +38,7 @@ def ef_factors(loss_fn: nn.Module, y: Tensor, z: Tensor) -> tuple[Tensor, tuple[
         zc = z if z.ndim > 1 else z.unsqueeze(0)
         yc = y if z.ndim > 1 else y.unsqueeze(0)
         p = torch.softmax(zc, dim=1)
-        mask, count = _ce_mask(loss_fn, zc, yc)
+        mask, count = ce_mask(loss_fn, zc, yc)
         if yc.dtype.is_floating_point:
             t = yc
         else:
@@ -79,6 +79,8 @@ class EmpiricalFisherSpec(ComponentSpec):
 class EmpiricalFisherOracle(CurvatureOracle):
     """Binds the empirical Fisher of each batch."""
 
+    reference = "empirical_fisher"
+
     spec: EmpiricalFisherSpec
 
     def __init__(self, spec: EmpiricalFisherSpec | None = None) -> None:
@@ -88,7 +90,7 @@ class EmpiricalFisherOracle(CurvatureOracle):
         """Check the loss."""
         check_outer_loss(loss_fn, "empirical_fisher")
         if self.spec.backend == "curvlinops":
-            from qlrlab.curvature._curvlinops import check_curvlinops_support
+            from qlrlab.backends.curvlinops_adapter import check_curvlinops_support
 
             check_curvlinops_support(model, loss_fn)
 
@@ -97,7 +99,7 @@ class EmpiricalFisherOracle(CurvatureOracle):
         if self.spec.backend == "curvlinops":
             from curvlinops import EFLinearOperator
 
-            from qlrlab.curvature._curvlinops import CurvlinopsBound
+            from qlrlab.backends.curvlinops_adapter import CurvlinopsBound
 
             bound = CurvlinopsBound(problem, EFLinearOperator)
             bound.scale = bound.scale**2  # the EF is quadratic in the loss scale (½·MSE: ¼)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from qlrlab.curvature._outer import BoundOuterProduct
+from qlrlab.curvature._outer import BoundOuterProduct, ce_mask
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
 from qlrlab.losses import HalfMSELoss
 from qlrlab.registry import CURVATURES, ComponentSpec
@@ -63,12 +63,7 @@ def check_outer_loss(loss_fn: nn.Module, owner: str) -> None:
     )
 
 
-def _ce_mask(loss_fn: nn.CrossEntropyLoss, z: Tensor, y: Tensor) -> tuple[Tensor, float]:
-    if y.dtype.is_floating_point:  # class probabilities
-        count = z.numel() // z.shape[1] if z.ndim > 1 else 1
-        return torch.ones_like(z), float(count)
-    mask = (y != loss_fn.ignore_index).unsqueeze(1).to(z.dtype)
-    return mask.expand_as(z), float(mask.sum())
+_ce_mask = ce_mask  # the shared helper's former name here
 
 
 def mc_factors(
@@ -84,7 +79,7 @@ def mc_factors(
         idx = torch.multinomial(flat, s, replacement=True, generator=generator)  # [M, S]
         onehot = F.one_hot(idx.T, p.shape[1]).to(p.dtype)  # [S, M, C]
         onehot = onehot.reshape(s, *p.movedim(1, -1).shape).movedim(-1, 2)
-        mask, count = _ce_mask(loss_fn, zc, y if z.ndim > 1 else y.unsqueeze(0))
+        mask, count = ce_mask(loss_fn, zc, y if z.ndim > 1 else y.unsqueeze(0))
         c = 1.0 / max(count, 1.0) if mean else 1.0
         r = (p.unsqueeze(0) - onehot) * mask.unsqueeze(0) * math.sqrt(c / s)
         return r.reshape(s, *z.shape), (2,) if z.ndim > 1 else (1,)
@@ -124,6 +119,8 @@ class FisherMCSpec(ComponentSpec):
 class FisherMCOracle(CurvatureOracle):
     """Binds a fresh Monte-Carlo Fisher per batch; state: the number of batches bound."""
 
+    data_parallel_exact = False  # each worker samples its own targets
+
     spec: FisherMCSpec
 
     def __init__(self, spec: FisherMCSpec | None = None) -> None:
@@ -134,7 +131,7 @@ class FisherMCOracle(CurvatureOracle):
         """Check the loss."""
         check_outer_loss(loss_fn, "fisher_mc")
         if self.spec.backend == "curvlinops":
-            from qlrlab.curvature._curvlinops import check_curvlinops_support
+            from qlrlab.backends.curvlinops_adapter import check_curvlinops_support
 
             check_curvlinops_support(model, loss_fn)
 
@@ -145,7 +142,7 @@ class FisherMCOracle(CurvatureOracle):
         if self.spec.backend == "curvlinops":
             from curvlinops import FisherMCLinearOperator
 
-            from qlrlab.curvature._curvlinops import CurvlinopsBound
+            from qlrlab.backends.curvlinops_adapter import CurvlinopsBound
 
             op = functools.partial(
                 FisherMCLinearOperator, seed=seed, mc_samples=self.spec.mc_samples

@@ -6,13 +6,12 @@ closed-form output Hessian of the loss (:mod:`qlrlab.losses`):
 .. math:: d^\top G d = u^\top H_z u,
 
 e.g. :math:`\frac1N\sum_n \big(\sum_k p_{nk} u_{nk}^2 - (\sum_k p_{nk}u_{nk})^2\big)` for
-softmax cross-entropy (Martens & Grosse, 2015; Clarke & Hernández-Lobato, 2024, §1.4 of
-``notes/adamqlr-paper-and-code.md``). Products :math:`Gv` add one vector–Jacobian product.
+softmax cross-entropy (Martens & Grosse, 2015; Clarke & Hernández-Lobato, 2024). Products :math:`Gv` add one vector–Jacobian product.
 Losses without a closed form use a double-backward output-Hessian product.
 
 Back-ends (``GGNSpec.backend``):
 
-* ``"own"`` (default): the fast path (:mod:`qlrlab.curvature._fastpath`: tangents from the
+* ``"own"`` (default): the fast path (:mod:`qlrlab.backends.fastpath`: tangents from the
   gradient pass's cached activations, and :math:`f(\theta-\alpha d)` with the first layer's
   output updated as :math:`z - \alpha u`) whenever every parametrised layer is supported and
   the recorded chain checks out, otherwise the general ``torch.func`` path;
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from qlrlab._passes import autocast_off, functional_forward, side_effect_free
-from qlrlab.curvature import _fastpath
+from qlrlab.backends import fastpath as _fastpath
 from qlrlab.interfaces import BoundCurvature, CurvatureOracle, Problem
 from qlrlab.losses import check_output_hessian, loss_value, output_hvp, output_quadratic_form
 from qlrlab.registry import CURVATURES, ComponentSpec
@@ -81,8 +80,12 @@ class BoundGGN(BoundCurvature):
         )
 
     def jvp(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Outputs :math:`z` and output tangent :math:`u = Jv` (one forward-mode pass)."""
-        with torch.no_grad(), side_effect_free(self.problem.model):
+        """Outputs :math:`z` and output tangent :math:`u = Jv` (one forward-mode pass; fused
+        attention kernels, which lack forward-mode AD on the CPU, e.g. in
+        ``nn.MultiheadAttention``, run with the math back-end)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with torch.no_grad(), side_effect_free(self.problem.model), sdpa_kernel(SDPBackend.MATH):
             z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))
         self._z = z
         return z, u
@@ -118,7 +121,7 @@ class BoundGGN(BoundCurvature):
 class FastBoundGGN(BoundGGN):
     """GGN of one mini-batch from the gradient pass's cached activations (fast path).
 
-    :meth:`jvp` needs no forward pass (see :mod:`qlrlab.curvature._fastpath`), and
+    :meth:`jvp` needs no forward pass (see :mod:`qlrlab.backends.fastpath`), and
     :meth:`loss_after` evaluates :math:`f(\theta - \alpha d)` reusing the cached outputs of
     every layer up to and including the first optimised one. :meth:`matvec` (rarely needed)
     uses the general path's vector–Jacobian product.
@@ -171,6 +174,8 @@ def _is_compiled(model: nn.Module) -> bool:
 class GGNOracle(CurvatureOracle):
     """Binds :class:`FastBoundGGN`, :class:`BoundGGN` or the curvlinops ``GGNLinearOperator``."""
 
+    reference = "ggn"
+
     spec: GGNSpec
     gradient_pass_optional = True
 
@@ -189,7 +194,7 @@ class GGNOracle(CurvatureOracle):
         """Check the loss/model are supported by the chosen back-end; decide on the fast path."""
         check_output_hessian(loss_fn, "ggn")
         if self.spec.backend == "curvlinops":
-            from qlrlab.curvature._curvlinops import check_curvlinops_support
+            from qlrlab.backends.curvlinops_adapter import check_curvlinops_support
 
             check_curvlinops_support(model, loss_fn)
         self._fast = False
@@ -225,7 +230,7 @@ class GGNOracle(CurvatureOracle):
         if self.spec.backend == "curvlinops":
             from curvlinops import GGNLinearOperator
 
-            from qlrlab.curvature._curvlinops import CurvlinopsBound
+            from qlrlab.backends.curvlinops_adapter import CurvlinopsBound
 
             self.last_path = "curvlinops"
             return CurvlinopsBound(problem, GGNLinearOperator)

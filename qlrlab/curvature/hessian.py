@@ -77,6 +77,8 @@ class BoundHessian(BoundCurvature):
 class HessianOracle(CurvatureOracle):
     """Binds :class:`BoundHessian` (own back-end) or curvlinops ``HessianLinearOperator``."""
 
+    reference = "hessian"
+
     spec: HessianSpec
 
     def __init__(self, spec: HessianSpec | None = None) -> None:
@@ -85,7 +87,7 @@ class HessianOracle(CurvatureOracle):
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
         """Check the loss is supported by the chosen back-end."""
         if self.spec.backend == "curvlinops":
-            from qlrlab.curvature._curvlinops import check_curvlinops_support
+            from qlrlab.backends.curvlinops_adapter import check_curvlinops_support
 
             check_curvlinops_support(model, loss_fn)
 
@@ -94,7 +96,7 @@ class HessianOracle(CurvatureOracle):
         if self.spec.backend == "curvlinops":
             from curvlinops import HessianLinearOperator
 
-            from qlrlab.curvature._curvlinops import CurvlinopsBound
+            from qlrlab.backends.curvlinops_adapter import CurvlinopsBound
 
             return CurvlinopsBound(problem, HessianLinearOperator)
         return BoundHessian(problem)

@@ -6,11 +6,10 @@ After the step, on the same batch:
     f(\theta_{new}) \le f(\theta) \Rightarrow \text{accept},\ \lambda \leftarrow \omega_{dec}\lambda;
     \qquad\text{otherwise reject},\ \lambda \leftarrow \omega_{inc}\lambda,
 
-with :math:`\lambda \in [\lambda_{min}, \lambda_{max}]`. A rejected step restores the parameters,
-the direction provider's state and the step-size rule's state exactly (``may_reject = True`` makes
-the optimiser snapshot them). A non-finite new loss is rejected. This is the original AdamQLR
-code's ``damping_algorithm: decreasing_loss`` (legacy configs, ``notes/adamqlr-paper-and-code.md``
-§1.7). It needs no curvature oracle, although a curvature-based step size usually goes with it.
+with :math:`\lambda \in [\lambda_{min}, \lambda_{max}]`. A rejected step restores the parameters
+and the state of the direction, curvature and step-size components exactly (``may_reject = True``
+makes the optimiser copy the parameters too). A non-finite new loss is rejected. This is the
+original AdamQLR code's ``damping_algorithm: decreasing_loss`` (its legacy configs). It needs no curvature oracle, although a curvature-based step size usually goes with it.
 """
 
 from __future__ import annotations

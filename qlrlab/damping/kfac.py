@@ -18,6 +18,7 @@ before the step (``ctx.damping``).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -41,6 +42,12 @@ class KFACDampingSpec(ComponentSpec):
         upper_threshold: 3/4.
         min_damping: 1e-8.
         max_damping: ``None`` (unbounded, kfac-jax's default).
+        min_relative_change: a step whose loss change :math:`|f(\\theta_{new}) - f(\\theta)|`
+            is at most this times :math:`|f(\\theta)|` is below the loss's float32 rounding
+            resolution: its :math:`\\rho` says nothing about the model's fit and :math:`\\lambda`
+            is left unchanged (``None`` or 0: off, every :math:`\\rho` counts, as in kfac-jax).
+            Without it, a loss at its floor gives :math:`\\rho = 0` step after step and
+            :math:`\\lambda` grows without bound (UCI Energy, full batch).
     """
 
     requires_curvature: ClassVar[bool] = True
@@ -53,6 +60,7 @@ class KFACDampingSpec(ComponentSpec):
     upper_threshold: float = 0.75
     min_damping: float = Field(1e-8, ge=0.0)
     max_damping: float | None = Field(None, gt=0.0)
+    min_relative_change: float | None = Field(1e-6, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> KFACDampingSpec:
@@ -90,3 +98,12 @@ class KFACDamping(LevenbergMarquardt):
     def __init__(self, spec: KFACDampingSpec | None = None) -> None:
         self.kfac_spec = spec or KFACDampingSpec()
         super().__init__(self.kfac_spec.to_levenberg_marquardt())
+
+    def update(self, *, rho: float | None, loss: float, new_loss: float | None, step: int) -> bool:
+        """The :math:`\\rho` rule, skipped when the loss change is below ``min_relative_change``
+        (see :class:`KFACDampingSpec`)."""
+        tol = self.kfac_spec.min_relative_change
+        if tol and new_loss is not None and math.isfinite(loss) and math.isfinite(new_loss):
+            if abs(new_loss - loss) <= tol * abs(loss):
+                return True
+        return super().update(rho=rho, loss=loss, new_loss=new_loss, step=step)

@@ -47,7 +47,7 @@ from qlrlab.losses import HalfMSELoss
 
 __all__ = ["BackpackTwin", "LayerInfo", "make_extension"]
 
-Fallback = Literal["diag_ggn", "identity", "error"]
+Fallback = Literal["diag_ggn", "adam", "identity", "error"]
 ExtensionName = Literal["kfac", "kflr", "diag_ggn_exact", "diag_ggn_mc"]
 
 #: Layers whose parameters get Kronecker factors.
@@ -190,6 +190,8 @@ class LayerInfo:
         weight: index of the weight in the optimiser's parameter list (``None`` if not optimised).
         bias: index of the bias (``None`` if absent or not optimised).
         others: indices of all optimised parameters of a fallback layer.
+        joint: the bias is folded into the weight's input factor (kfac-jax's ``[W b]`` block).
+        reason: why a fallback layer's parameters are not Kronecker-factored.
     """
 
     path: str
@@ -198,6 +200,8 @@ class LayerInfo:
     weight: int | None = None
     bias: int | None = None
     others: list[int] = field(default_factory=list)
+    joint: bool = False
+    reason: str = ""
 
 
 def _is_plain_sequential(model: nn.Module) -> bool:
@@ -241,6 +245,7 @@ class BackpackTwin:
         mc_samples: int = 1,
         fallback: Fallback = "diag_ggn",
         converter: Literal["auto", "always", "never"] = "auto",
+        joint_bias: bool = False,
     ) -> None:
         from backpack import extend
 
@@ -277,10 +282,17 @@ class BackpackTwin:
         self.twin = twin
         self.converted = use_conv
         self._conv_T: dict[int, int] = {}
+        self._mean_input: dict[int, Tensor] = {}
         for m in twin.modules():
             if isinstance(m, nn.Conv2d):
                 m.register_forward_hook(self._record_T)
+        self.joint_bias = joint_bias
         self.layers = self._layer_table()
+        if joint_bias:
+            for lay in self.layers:
+                if lay.kind == "kfac" and lay.weight is not None and lay.bias is not None:
+                    lay.joint = True
+                    lay.module.register_forward_hook(self._record_mean_input)
         self.diag_store: dict[int, Tensor] = {}
         self.ext = make_extension(extension, mc_samples)
         self._install_generic(self.ext)
@@ -328,6 +340,16 @@ class BackpackTwin:
     def _record_T(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         self._conv_T[id(module)] = int(output.shape[-2] * output.shape[-1])
 
+    def _record_mean_input(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        """Mean input row (conv: mean patch) of the last call, for the joint-bias factor."""
+        if not torch.is_grad_enabled():
+            return
+        from qlrlab.backends.kfac_hooks import _patches
+
+        x = inputs[0].detach()
+        rows = _patches(module, x) if isinstance(module, nn.Conv2d) else x  # type: ignore[arg-type]
+        self._mean_input[id(module)] = rows.reshape(-1, rows.shape[-1]).mean(0)
+
     def _layer_table(self) -> list[LayerInfo]:
         index = {id(p): i for i, p in enumerate(self.params)}
         covered: set[int] = set()
@@ -358,7 +380,8 @@ class BackpackTwin:
                     f"set fallback: diag_ggn (diagonal GGN for those parameters) or identity "
                     f"(plain gradient), or exclude them from the optimised parameters"
                 )
-            layers.append(LayerInfo(path, m, "fallback", others=idx))
+            why = f"{type(m).__name__} at {path!r} is not nn.Linear/nn.Conv2d"
+            layers.append(LayerInfo(path, m, "fallback", others=idx, reason=why))
         missing = [i for i in range(len(self.params)) if i not in covered]
         if missing:
             names = {id(p): n for n, p in self.model.named_parameters()}
@@ -477,6 +500,14 @@ class BackpackTwin:
             if lay.kind == "kfac" and isinstance(lay.module, nn.Conv2d) and lay.weight in out:
                 T = self._conv_T.get(id(lay.module), 1)
                 out[lay.weight][1] = out[lay.weight][1] / T
+            if lay.joint and lay.weight in out:
+                # [[A, m], [m^T, 1]]: A is the mean of a a^T over all rows, m the mean row
+                a = out[lay.weight][1]
+                m = self._mean_input[id(lay.module)].to(a.dtype)
+                top = torch.cat([a, m[:, None]], dim=1)
+                bottom = torch.cat([m, m.new_ones(1)])[None, :]
+                out[lay.weight][1] = torch.cat([top, bottom], dim=0)
+                out.pop(lay.bias, None)  # type: ignore[arg-type]
         self.clear()
         return out
 

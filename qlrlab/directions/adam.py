@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from qlrlab import _compat
 from qlrlab.interfaces import DirectionProvider, StepContext
 from qlrlab.registry import DIRECTIONS, ComponentSpec
 
@@ -107,7 +108,7 @@ class AdamDirection(DirectionProvider):
         """Whether :func:`torch._fused_adam_` can compute this step's direction."""
         if not (self.fused and self.spec.bias_correction and grads):
             return False
-        if not hasattr(torch, "_fused_adam_"):
+        if _compat.fused_adam is None:
             return False
         g0 = grads[0]
         dev, dt = g0.device, g0.dtype
@@ -162,7 +163,7 @@ class AdamDirection(DirectionProvider):
         if step_t is None or step_t.device != g0.device:
             step_t = self._step_t = torch.zeros((), dtype=torch.float32, device=g0.device)
         step_t.fill_(float(self.step))
-        torch._fused_adam_(
+        _compat.fused_adam(
             d, grads, self.exp_avg, self.exp_avg_sq, [], [step_t] * len(d),
             amsgrad=False, lr=-1.0, beta1=s.beta1, beta2=s.beta2, weight_decay=0.0,
             eps=s.eps, maximize=False,

@@ -92,7 +92,8 @@ class DiagGGNDirection(DirectionProvider):
         fresh = self.twin.collect()
         self.step += 1
         eps = self.spec.curvature_ema if self.step > 1 else 0.0
-        for i, new in fresh.items():
+        for i, local in fresh.items():
+            new = ctx.all_reduce(local)  # the global batch's diagonal (workers average)
             old = self.diags[i]
             self.diags[i] = new.clone() if old is None or eps == 0 else eps * old + (1 - eps) * new
         lam = max(float(ctx.damping), self.spec.min_damping)

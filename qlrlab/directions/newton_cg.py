@@ -113,7 +113,7 @@ class NewtonCGDirection(DirectionProvider):
         lam = float(ctx.damping) + self.spec.damping
 
         def matvec(v: list[Tensor]) -> list[Tensor]:
-            cv = bound.matvec(v)
+            cv = [ctx.all_reduce(t) for t in bound.matvec(v)]  # C of the global batch
             if lam:
                 return list(torch._foreach_add(cv, v, alpha=lam))
             return list(cv)

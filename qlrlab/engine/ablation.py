@@ -321,7 +321,12 @@ def _run_pool(
 
 def ensure_ray(address: str | None) -> bool:
     """Connect to (or start) Ray unless it is already initialised; returns whether it started
-    it here (the caller then shuts it down). Workers import the ``--plugin`` modules.
+    it here (the caller then shuts it down).
+
+    The job carries no runtime environment: each remote function receives the driver's settings
+    (:func:`qlrlab.engine.cluster.job_environment`) as an argument and applies them itself, so
+    that the cluster's pre-started worker processes can be used and a Ray session the caller
+    initialised gets the same settings.
 
     Raises:
         SpecError: Ray is not installed.
@@ -334,21 +339,33 @@ def ensure_ray(address: str | None) -> bool:
         ) from None
     if ray.is_initialized():
         return False
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env=_plugin_runtime_env(),
-    )
+    try:
+        ray.init(
+            address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+        )
+    except ConnectionError as exc:  # no cluster there, or its token is missing
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        raise SpecError(
+            f"cannot connect to the Ray cluster at {address}: {lines[-1] if lines else exc}",
+            field="--address",
+            fix="start it with 'ray start --head', pass its HEAD_IP:PORT (or auto); if the "
+            "cluster uses token authentication, set RAY_AUTH_MODE=token and make its token "
+            "available (~/.ray/auth_token or RAY_AUTH_TOKEN)",
+        ) from None
     return True
 
 
-def _plugin_runtime_env() -> dict[str, Any] | None:
-    """Ray runtime environment that makes workers import the ``--plugin`` modules."""
-    from qlrlab.plugins import ENV_VAR
+def _ray_worker(
+    spec_json: dict[str, Any], root: str, labels: dict[str, Any], env: dict[str, str]
+) -> tuple:
+    """:func:`_worker` on a Ray node, with the driver's settings; a failure names the node."""
+    from qlrlab.engine.cluster import apply_job_environment, node_label
 
-    plugins = os.environ.get(ENV_VAR)
-    return {"env_vars": {ENV_VAR: plugins}} if plugins else None
+    apply_job_environment(env)
+    h, status, error = _worker(spec_json, root, labels, int(env.get("OMP_NUM_THREADS", "1")))
+    if error:
+        error = f"on node {node_label()}: {error}"
+    return h, status, error
 
 
 def _use_bars(quiet: bool) -> bool:
@@ -448,16 +465,28 @@ def _run_ray(
 ) -> None:
     import ray
 
+    from qlrlab.engine.cluster import check_cluster, job_environment
+
+    if not todo:
+        return
+    env = job_environment(threads)
     started = ensure_ray(address)
     try:
-        remote = ray.remote(num_cpus=threads)(_worker)
-        refs = [
-            remote.remote(p.spec.model_dump(mode="json"), str(store.root), p.labels, threads)
+        check_cluster(env, [p.spec for p in todo], store.root)
+        remote = ray.remote(num_cpus=threads)(_ray_worker)  # a lost node: retried, resumed
+        refs = {
+            remote.remote(p.spec.model_dump(mode="json"), str(store.root), p.labels, env): p
             for p in todo
-        ]
-        while refs:
-            done, refs = ray.wait(refs, num_returns=1)
-            h, status, error = ray.get(done[0])
+        }
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                h, status, error = ray.get(done[0])
+            except ray.exceptions.RayError as exc:  # the worker itself died, not the run
+                lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                h, status = refs[done[0]].hash, "failed"
+                error = f"{type(exc).__name__}: {lines[-1] if lines else exc}"
             record(h, status, error)
     finally:
         if started:

@@ -42,6 +42,8 @@ from pydantic import (
     model_validator,
 )
 
+from qlrlab.registry import CURVATURES, DAMPINGS, DIRECTIONS, STEP_SIZES
+
 __all__ = [
     "AblationSpec",
     "BudgetSpec",
@@ -75,10 +77,10 @@ MAX_PLANNED_RUNS = 100_000
 #: Fields of a run that do not change its results, hence are not part of its identity.
 NON_IDENTITY_FIELDS = frozenset({"name", "output_dir", "checkpoint_every", "tensorboard"})
 
-#: "Switched off" component specs used by ``minus:`` in variants.
+#: "Switched off" component specs used by ``minus:`` in variants (each family's registry says
+#: what "off" means for it).
 OFF_COMPONENTS: dict[str, Any] = {
-    "damping": {"name": "constant", "value": 0.0},
-    "curvature": None,
+    r.family: r.off for r in (DIRECTIONS, CURVATURES, STEP_SIZES, DAMPINGS) if r.can_switch_off
 }
 
 

@@ -36,7 +36,7 @@ from qlrlab.engine.specs import (
 )
 from qlrlab.engine.storage import RunStore, atomic_write_json
 
-__all__ = ["TuneResult", "run_tune", "trial_base", "validate_space"]
+__all__ = ["TrialsFailed", "TuneResult", "run_tune", "trial_base", "validate_space"]
 
 _METRIC_COLUMN = {
     "val_loss": "val_loss",
@@ -63,6 +63,8 @@ class TuneResult:
         n_trials: trials finished (complete, pruned or failed).
         repeats: the outcome of the repeats of the best configuration.
         best_overrides: the dotted overrides the best parameters stand for.
+        failures: the failed trials (an exception, not a divergence or pruning), each
+            ``{"params": ..., "error": ...}``, in the order they were collected.
     """
 
     out_dir: Path
@@ -71,6 +73,50 @@ class TuneResult:
     n_trials: int
     repeats: AblationResult | None = None
     best_overrides: list[tuple[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrialsFailed(RuntimeError):
+    """Every trial of a study failed: nothing to report, no best configuration written.
+
+    Attributes:
+        failures: the failed trials (``{"params": ..., "error": ...}``).
+        n_trials: trials finished.
+        out_dir: the output directory (the failed runs' ``summary.json`` hold the tracebacks).
+    """
+
+    def __init__(self, failures: list[dict[str, Any]], n_trials: int, out_dir: Path) -> None:
+        self.failures, self.n_trials, self.out_dir = failures, n_trials, out_dir
+        super().__init__(failure_summary(failures, n_trials))
+
+
+def failure_summary(failures: list[dict[str, Any]], n_trials: int) -> str:
+    """One paragraph on failed trials: the first one's error and configuration, then a count."""
+    if not failures:
+        return ""
+    first = failures[0]
+    params = ", ".join(f"{k}={v!r}" for k, v in first["params"].items()) or "-"
+    text = f"{len(failures)} of {n_trials} trials failed; the first: {first['error']}\n"
+    text += f"  its configuration: {params}"
+    if len(failures) > 1:
+        text += f"\n  ... and {len(failures) - 1} more failed trial(s)"
+    return text
+
+
+def _optuna_failures(store: RunStore, name: str) -> list[dict[str, Any]]:
+    """The failed (not stale) trials of the Optuna study in ``store``."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{store.root / 'optuna.db'}")
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.user_attrs.get("stale"):
+            continue
+        h = t.user_attrs.get("run_hash")
+        summary = (store.summary(h) if h else None) or {}
+        out.append({"params": dict(t.params), "error": summary.get("error", "run failed")})
+    return out
 
 
 def trial_base(spec: TuneSpec, base_overrides: list[tuple[str, Any]] = ()) -> RunSpec:  # type: ignore[assignment]
@@ -325,49 +371,74 @@ def _tune_optuna(
 
 
 def _ray_trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """The Ray Tune function trainable: one trial = one run, reporting at each evaluation."""
+    """The Ray Tune function trainable: one trial = one run, reporting at each evaluation.
+
+    It runs with the driver's settings (``ctx["env"]``), skips a run that is already done
+    (a resumed study), and reports a failed run as a result (``failed: 1``, ``error``) instead of
+    raising, so that the driver prints one summary rather than a traceback per trial.
+    """
     from ray import tune
 
-    from qlrlab.plugins import load_plugins_from_env
+    from qlrlab.engine.cluster import apply_job_environment, node_label
 
-    load_plugins_from_env()
+    apply_job_environment(ctx["env"])
     spec = TuneSpec.model_validate(ctx["spec"])
     params = {key: config[f"p{i}"] for i, key in enumerate(ctx["keys"])}
     run = apply_overrides(ctx["base"], spec.params_to_overrides(params))
     store = RunStore(ctx["root"])
-    state = {"reported": False}
+    h = run_hash(run)
 
     def reporter(step: int, seconds: float, metrics: Mapping[str, float]) -> bool:
         value = _metric_from(spec, metrics)
         if value is None:
             return False
         tune.report({"objective": value, "step": step, "train_seconds": seconds})
-        state["reported"] = True
         return False
 
-    res = run_safely(
-        run, store, labels=_labels(run, kind="trial", variant="trial"), reporter=reporter
-    )
-    if res.status == "failed":
-        raise RuntimeError(res.summary.get("error", "run failed"))
-    value = _objective_value(spec, res.summary, store, res.hash)
+    if store.is_done(h):  # finished before the driver was interrupted: never run twice
+        summary: Mapping[str, Any] = store.summary(h) or {}
+    else:
+        labels = _labels(run, kind="trial", variant="trial")
+        res = run_safely(run, store, labels=labels, reporter=reporter)
+        summary = res.summary
+        if res.status == "failed":
+            tune.report(
+                {
+                    "objective": 1e300,
+                    "step": summary.get("steps", 0) or 0,
+                    "train_seconds": summary.get("train_time", 0.0) or 0.0,
+                    "failed": 1,
+                    "error": f"on node {node_label()}: {summary.get('error', 'run failed')}",
+                    "run_hash": h,
+                }
+            )
+            return
+    value = _objective_value(spec, summary, store, h)
     tune.report(
         {
             "objective": value if finite(value) else 1e300,
-            "step": res.summary.get("steps", 0),
-            "train_seconds": res.summary.get("train_time", 0.0),
+            "step": summary.get("steps", 0),
+            "train_seconds": summary.get("train_time", 0.0),
             "done_value": value if finite(value) else 1e300,
+            "failed": 0,
+            "run_hash": h,
         }
     )
 
 
 def _tune_ray(
-    spec: TuneSpec, base: RunSpec, store: RunStore, address: str | None, resume: bool
+    spec: TuneSpec,
+    base: RunSpec,
+    store: RunStore,
+    address: str | None,
+    resume: bool,
+    failures: list[dict[str, Any]],
 ) -> tuple[dict[str, Any], float | None, int]:
     try:
         import ray
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search import BasicVariantGenerator
     except ImportError as exc:
         raise SpecError(
             f"the ray back-end needs Ray Tune: {exc}", fix="pip install 'qlrlab[ray]'"
@@ -399,16 +470,20 @@ def _tune_ray(
             grace_period=sch.min_resource,
             reduction_factor=sch.reduction_factor,
         )
+    from qlrlab.engine.ablation import ensure_ray
+    from qlrlab.engine.cluster import check_cluster, job_environment
+
+    env = job_environment(threads=1)
     ctx = {
         "spec": spec.model_dump(mode="json"),
         "keys": keys,
         "base": base.model_dump(mode="json"),
         "root": str(store.root),
+        "env": env,
     }
-    from qlrlab.engine.ablation import ensure_ray
-
     started = ensure_ray(address)
     try:
+        check_cluster(env, [base], store.root)  # before any trial: versions, data, output
         trainable = tune.with_resources(tune.with_parameters(_ray_trainable, ctx=ctx), {"cpu": 1})
         exp_dir = store.root / "ray" / spec.name
         if resume and tune.Tuner.can_restore(str(exp_dir)):
@@ -424,6 +499,9 @@ def _tune_ray(
                     mode="min",
                     num_samples=spec.n_trials,
                     scheduler=scheduler,
+                    # seeded: a study restarted after its driver died samples the same trials,
+                    # so finished runs are found in the store and never run twice
+                    search_alg=BasicVariantGenerator(random_state=spec.sampler_seed),
                 ),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=str(store.root / "ray"), verbose=0
@@ -443,8 +521,17 @@ def _tune_ray(
             entries.append(
                 {"hash": run_hash(run), "labels": _labels(run, kind="trial", variant="trial")}
             )
-            value = (r.metrics or {}).get("objective")
-            if r.error is None and finite(value) and value < 1e299:
+            metrics = r.metrics or {}
+            value = metrics.get("objective")
+            if r.error is not None or metrics.get("failed"):
+                if r.error is not None:  # Ray's own failure (the worker died, ...)
+                    lines = [ln for ln in str(r.error).splitlines() if ln.strip()]
+                    error = f"{type(r.error).__name__}: {lines[-1] if lines else r.error}"
+                else:
+                    error = str(metrics.get("error", "run failed"))
+                failures.append({"params": params, "error": error})
+                continue
+            if finite(value) and value < 1e299:
                 if best_value is None or value < best_value:
                     best_params, best_value = params, float(value)
         store.add_entries(entries)
@@ -504,12 +591,17 @@ def run_tune(
         preflight([base, repeat_base])
     store = prepare_output(out_dir, resume=resume, overwrite=overwrite, kind="tune")
     store.add_entries([], kind="tune", name=spec.name, spec=spec.model_dump(mode="json"))
+    failures: list[dict[str, Any]] = []
     if backend == "optuna":
         params, value, n = _tune_optuna(spec, base, store, quiet)
+        failures = _optuna_failures(store, spec.name)
     elif backend == "ray":
-        params, value, n = _tune_ray(spec, base, store, address, resume)
+        params, value, n = _tune_ray(spec, base, store, address, resume, failures)
     else:
         raise SpecError(f"unknown backend {backend!r}", fix="use --backend optuna or ray")
+    if not params and failures:  # nothing to report: no best.json that looks like a result
+        (store.root / "best.json").unlink(missing_ok=True)
+        raise TrialsFailed(failures, n, store.root)
     overrides = spec.params_to_overrides(params)
     atomic_write_json(
         store.root / "best.json",
@@ -528,6 +620,7 @@ def run_tune(
         best_value=value,
         n_trials=n,
         best_overrides=overrides,
+        failures=failures,
     )
     seeds = spec.repeat_seed_list()
     if params and seeds:

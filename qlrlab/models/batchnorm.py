@@ -27,15 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlrlab import _compat
+
 __all__ = ["BatchNorm2d", "in_functorch_transform"]
 
 
 def in_functorch_transform() -> bool:
     """Whether the caller runs inside a ``torch.func`` transform (jvp, vjp, grad, vmap...)."""
-    try:
-        return torch._C._functorch.peek_interpreter_stack() is not None
-    except AttributeError:  # pragma: no cover - very old torch
-        return False
+    return _compat.in_functorch_transform()
 
 
 class BatchNorm2d(nn.BatchNorm2d):

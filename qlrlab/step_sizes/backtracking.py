@@ -76,7 +76,7 @@ class BacktrackingStepSize(StepSizeRule):
             for trial in range(s.max_iter):
                 trial_params = [p - alpha * t for p, t in zip(base, d)]
                 out = functional_forward(pr.model, pr.param_names, trial_params, pr.inputs)
-                f = float(pr.loss_fn(out, pr.targets))
+                f = float(ctx.all_reduce(pr.loss_fn(out, pr.targets)))  # same f on every worker
                 if f <= f0 - s.c * alpha * float(gd):
                     break
                 if trial < s.max_iter - 1:

@@ -100,14 +100,21 @@ class KFACAdaptiveStepSize(StepSizeRule):
 
     @staticmethod
     def _solve(q: Tensor, b: Tensor) -> Tensor:
-        """:math:`-Q^{-1}b`, falling back to the 1×1 solve when the 2×2 system is singular."""
+        """:math:`-Q^{-1}b` in float64 by Cramer's rule (never raises), falling back to the 1×1
+        solve when the 2×2 system is (numerically) singular or its solution is not finite; the
+        result is in ``q``'s dtype (a non-finite α is then reported by the optimiser)."""
+        q64, b64 = q.double(), b.double()
         if q.shape[0] == 2:
-            det = q[0, 0] * q[1, 1] - q[0, 1] * q[1, 0]
-            scale = (q[0, 0] * q[1, 1]).abs()
+            det = q64[0, 0] * q64[1, 1] - q64[0, 1] * q64[1, 0]
+            scale = (q64[0, 0] * q64[1, 1]).abs()
             if bool(torch.isfinite(det)) and float(det.abs()) > 1e-12 * float(scale):
-                return -torch.linalg.solve(q, b)
-            return torch.stack([-b[0] / q[0, 0], torch.zeros_like(b[0])])
-        return -b / q[0, 0]
+                alpha = -(q64[1, 1] * b64[0] - q64[0, 1] * b64[1]) / det
+                mu = -(q64[0, 0] * b64[1] - q64[1, 0] * b64[0]) / det
+                out = torch.stack([alpha, mu])
+                if bool(torch.isfinite(out).all()):
+                    return out.to(q.dtype)
+            return torch.stack([-b64[0] / q64[0, 0], torch.zeros_like(b64[0])]).to(q.dtype)
+        return (-b64 / q64[0, 0]).to(q.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """The previous update (``None`` before the first step)."""
