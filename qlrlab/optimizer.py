@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qlrlab._compat import version
 from qlrlab._observe import (
     BatchObserver,
     ObservationError,
@@ -556,7 +557,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             mark = None if left is None else left[i]
-            if mark is None or mark[0] != id(g) or mark[1] != g._version:
+            if mark is None or mark[0] != id(g) or mark[1] != version(g):
                 warnings.warn(
                     "opt.step((inputs, targets)) computes its own gradient and discards the one "
                     "in .grad; to step with the gradient you computed, call opt.step() after "
@@ -590,7 +591,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         loss_f, grad_norm, raw_f = _floats([loss, norm(grads), raw])
         assert loss_f is not None
         # identities only (no references: holding the old gradients would change allocation)
-        self._grads_left = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+        self._grads_left = [None if p.grad is None else (id(p.grad), version(p.grad)) for p in params]
         return _Gradient(loss, outputs, grads, loss_f, grad_norm, raw_f)
 
     def _clip(self, grads: list[Tensor]) -> Tensor | None:

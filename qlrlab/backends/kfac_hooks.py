@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlrlab._compat import version
 from qlrlab.losses import HalfMSELoss
 
 __all__ = [
@@ -541,7 +542,7 @@ class KroneckerFactorCapture:
         x = args[0]
         if not isinstance(x, Tensor):
             return
-        self._calls.setdefault(id(module), []).append(_Call(x.detach(), out, out._version))
+        self._calls.setdefault(id(module), []).append(_Call(x.detach(), out, version(out)))
 
     def _loss_hook(self, module: nn.Module, args: tuple[Any, ...], value: Any) -> None:
         if len(args) < 2 or not isinstance(args[0], Tensor) or not args[0].requires_grad:
@@ -552,7 +553,7 @@ class KroneckerFactorCapture:
             return
         for mid, cs in self._calls.items():
             for c in cs:
-                if c.out._version != c.version:
+                if version(c.out) != c.version:
                     raise RuntimeError(
                         f"kfac: the output of layer {self._path.get(mid, '?')!r} was modified in "
                         "place (e.g. F.relu(..., inplace=True)); make that operation "

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -143,6 +143,9 @@ class TorchOptimSpec(ComponentSpec):
             the step size comes from the ``step_size`` rule).
     """
 
+    #: the fields the contract suite (:mod:`qlrlab.testing`) adds to build this component
+    contract_example: ClassVar[dict[str, Any]] = {"optimizer": "Adam"}
+
     name: Literal["torch_optim"] = "torch_optim"
     optimizer: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -210,4 +213,12 @@ class TorchOptimDirection(DirectionProvider):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the wrapped optimiser's state (copied: nothing aliases ``state``)."""
         assert self.inner is not None
-        self.inner.load_state_dict(copy.deepcopy(state))
+        state = copy.deepcopy(state)
+        # torch.optim keeps its ``step`` counters in its scalar dtype (float32 unless the default
+        # dtype is float64); a checkpoint cast to the parameters' dtype must not change them
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for per_param in state.get("state", {}).values():
+            step = per_param.get("step")
+            if isinstance(step, Tensor) and step.is_floating_point():
+                per_param["step"] = step.to(scalar)
+        self.inner.load_state_dict(state)

@@ -104,15 +104,16 @@ def _problem(dtype: torch.dtype) -> tuple[nn.Module, nn.Module, list[tuple[Tenso
 def _spec(case: Case) -> OptimizerSpec:
     errors = []
     for partners in PARTNERS:
-        data = {**partners, case.family: {"name": case.name}}
+        example = getattr(FAMILIES[case.family].get(case.name), "contract_example", {})
+        data = {**partners, case.family: {"name": case.name, **example}}
         try:
             return OptimizerSpec.model_validate(data)
         except ValueError as exc:
             errors.append(str(exc).splitlines()[0])
     raise AssertionError(
         f"no valid composition with default partners ({'; '.join(errors)}); a component must "
-        f"build from its spec's defaults next to adam/sgd, ggn, quadratic/fixed and "
-        f"levenberg_marquardt/constant"
+        f"build from its spec's defaults (plus its spec class's ``contract_example`` fields, for "
+        f"required ones) next to adam/sgd, ggn, quadratic/fixed and levenberg_marquardt/constant"
     )
 
 
