@@ -456,7 +456,7 @@ def test_gpu_check_script_cpu_tiny(tmp_path, shared_data) -> None:
         sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
         "--out", str(out), "--work", str(tmp_path / "work"),
         "--pytest-args", "tests/test_cuda.py -m cuda -k floats -ra -q -p no:cacheprovider",
-        "--bench-groups", "resnet18", "gpt_small",
+        "--bench-groups", "gpt_small",  # ResNet-18's CPU bench alone took ~3 min: trained below
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -465,12 +465,12 @@ def test_gpu_check_script_cpu_tiny(tmp_path, shared_data) -> None:
     res = json.loads((out / "results.json").read_text())
     assert res["ok"] and res["env"]["device"] == "cpu"
     assert [s["step"] for s in res["steps"]] == [
-        "tests", "bench resnet18", "bench gpt_small", "ablate fashion_mnist", "ablate resnet18",
+        "tests", "bench gpt_small", "ablate fashion_mnist", "ablate resnet18",
         "report fashion_mnist", "report resnet18",
     ]  # fmt: skip
     assert "1 skipped" in (out / "pytest.log").read_text()  # the CUDA variant: no CUDA here
     rows = res["bench_rows"]
-    for model in ("resnet18", "gpt_small"):
+    for model in ("gpt_small",):
         labels = {r["optimizer"] for r in rows if r["model"] == model}
         assert {"torch.optim.Adam", "adamqlr (own→fast)", "adamqlr (jvp)"} <= labels, model
     assert all(r["timing"] == "perf_counter" and "item_calls" in r for r in rows)
