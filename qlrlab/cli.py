@@ -8,6 +8,7 @@ Commands::
     qlrlab tune TUNE.yaml        [--set k=v ...] [--out DIR] [--resume | --overwrite]
                                  [--backend optuna|ray] [--address ADDR]
     qlrlab report DIR            [--time-axis train|wall] [--include-trials] [--no-plots]
+                                 [--variants V ...] [--name FOLDER]
     qlrlab presets | tasks | schema [run|ablation|tune|optimizer]
 
 Exit codes: 0 success; 1 a run failed (or an unexpected error); 2 bad input (spec, override,
@@ -124,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--include-trials", action="store_true", help="include tuning trials")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="VARIANT",
+        help="only these variants, in this order (e.g. an ablation's subset of a suite)",
+    )
+    p.add_argument(
+        "--name",
+        default="report",
+        help="the report's folder under DIR (default: report); e.g. --name report-damping",
+    )
     sub.add_parser("presets", help="list optimiser presets", description="List optimiser presets.")
     sub.add_parser("tasks", help="list tasks", description="List registered tasks.")
     p = sub.add_parser(
@@ -395,7 +407,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
             fix="pass the --out directory of qlrlab run/ablate/tune",
         )
     kinds = ("run", "repeat", "trial") if args.include_trials else ("run", "repeat")
-    paths = build_report(args.dir, kinds=kinds, time_axis=args.time_axis, plots=not args.no_plots)
+    try:
+        paths = build_report(
+            args.dir,
+            kinds=kinds,
+            time_axis=args.time_axis,
+            plots=not args.no_plots,
+            variants=args.variants,
+            name=args.name,
+        )
+    except ValueError as exc:
+        raise SpecError(str(exc), field="--variants", fix="pass variant names as listed") from None
     if "table_md" in paths:
         print(Path(paths["table_md"]).read_text(encoding="utf-8"))
     for key in ("table_md", "table_csv", "table_tex", "best_md"):

@@ -64,6 +64,21 @@ def test_run_logs_every_step_and_evaluations(tmp_path):
     assert "git_revision" in rec and "torch" in rec and '"seed": 3' in rec
 
 
+def test_eval_every_seconds_is_a_training_time_cadence(tmp_path):
+    """``eval.every_seconds`` evaluates once that much training time has passed since the last
+    evaluation, whatever the step count: a tiny interval evaluates after every step, a huge one
+    only at the start and the end; it combines with ``every`` (either one triggers)."""
+    _, store, res = _run(tmp_path / "tiny", eval={"every_seconds": 1e-12})
+    df = store.metrics(res.hash)
+    assert df[df["val_loss"].notna()]["step"].tolist() == list(range(13))
+    _, store, res = _run(tmp_path / "huge", eval={"every_seconds": 1e6})
+    df = store.metrics(res.hash)
+    assert df[df["val_loss"].notna()]["step"].tolist() == [0, 12]
+    _, store, res = _run(tmp_path / "both", eval={"every": 5, "every_seconds": 1e6})
+    df = store.metrics(res.hash)
+    assert df[df["val_loss"].notna()]["step"].tolist() == [0, 5, 10, 12]
+
+
 def test_epoch_budget_and_whichever_first(tmp_path):
     # 128 examples / 32 = 4 steps per epoch; 1.5 epochs = 6 steps < 12 steps
     _, _, res = _run(tmp_path, budget={"steps": 12, "epochs": 1.5})

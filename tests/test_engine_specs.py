@@ -224,8 +224,11 @@ def test_run_hash_leaves_later_fields_out_at_their_default():
     b = RunSpec.model_validate({**BASE, "nan_padding": True})
     assert run_hash(a) != run_hash(b)
     old = a.model_dump(mode="json", exclude=set(NON_IDENTITY_FIELDS) | {"nan_padding"})
+    old["eval"].pop("every_seconds")  # a nested field added later (eval.every_seconds)
     text = json.dumps(old, sort_keys=True, separators=(",", ":"), default=str)
     assert run_hash(a) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    timed = RunSpec.model_validate({**BASE, "eval": {"every_seconds": 0.5}})
+    assert run_hash(timed) != run_hash(a)
 
 
 @pytest.mark.parametrize(

@@ -138,3 +138,21 @@ def test_report_captions_tables_and_tidy_metrics(tmp_path, capsys, one_thread):
         assert set(mine["seed"]) == {e["labels"]["seed"]}
         assert set(mine["variant"]) == {e["labels"]["variant"]}
     assert math.isfinite(float(tidy["warmup_time"].dropna().iloc[0]))
+    # the paper's FinalLosses columns: train accuracy (classification only), generalisation gap
+    # = final test loss - final train loss, and wall time
+    assert "gen. gap" in md and "wall time (s)" in md
+    table = pd.read_csv(rep / "table.csv")
+    runs = pd.read_csv(rep / "runs.csv")
+    for _, row in table.iterrows():
+        mine = runs[(runs["variant"] == row["variant"]) & (runs["grid"] == row["grid"])]
+        gaps = mine["final_test_loss"] - mine["final_train_loss"]
+        assert row["generalisation_gap_median"] == pytest.approx(float(np.median(gaps)))
+    # a subset of the variants, in the order asked, in a report of its own beside the full one
+    assert main(["report", str(out), "--variants", "qlr", "--name", "report-qlr"]) == 0
+    sub = pd.read_csv(out / "report-qlr" / "table.csv")
+    assert set(sub["variant"]) == {"qlr"} and len(sub) == 2
+    assert (rep / "table.md").read_text() == md  # the full report is untouched
+    capsys.readouterr()
+    assert main(["report", str(out), "--variants", "qlr", "sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "--variants" in err and "'sgd'" in err and "Traceback" not in err

@@ -91,6 +91,22 @@ def test_rosenbrock_task():
     assert x.shape == (1, 1) and torch.all(y == 0) and y.shape == (1, 2)
 
 
+def test_rosenbrock_normal_start_is_drawn_from_the_run_seed():
+    """``start: normal`` (the paper's tuning start) draws x, y ~ N(0, 1) from the seeded global
+    RNG: the same seed gives the same start, another seed another one."""
+    from qlrlab.tasks import TASKS
+
+    def start(seed: int) -> tuple[float, float]:
+        torch.manual_seed(seed)
+        m = TASKS.validate({"name": "rosenbrock", "start": "normal"}).build().model
+        return float(m.x), float(m.y)
+
+    assert start(0) == start(0) != start(1)
+    assert start(0) != (1.0, -1.0)
+    with pytest.raises(ValueError):
+        TASKS.validate({"name": "rosenbrock", "start": "uniform"})
+
+
 def _adamqlr_hessian():
     import qlrlab
 

@@ -48,10 +48,13 @@ __all__ = ["bootstrap_se", "build_report", "collect_runs", "summary_table", "tid
 #: (summary key, column title, is it a loss/accuracy shown in scientific notation)
 TABLE_METRICS: list[tuple[str, str]] = [
     ("final_train_loss", "train loss"),
+    ("final_train_accuracy", "train accuracy"),
     ("final_test_loss", "test loss"),
     ("final_test_accuracy", "test accuracy"),
+    ("generalisation_gap", "gen. gap"),
     ("steps", "steps"),
     ("time_excl_warmup", "time (s)"),
+    ("wall_time", "wall time (s)"),
 ]
 GROUP_KEYS = ["task", "variant", "grid", "sweep", "value"]
 ID_KEYS = ["hash", "kind", *GROUP_KEYS, "seed"]
@@ -115,7 +118,13 @@ def collect_runs(out_dir: str | Path, kinds: Sequence[str] = ("run", "repeat")) 
 
 def _with_time(df: pd.DataFrame) -> pd.DataFrame:
     """Add ``time_excl_warmup`` = ``train_time`` − ``warmup_time`` (runs stored before warm-up
-    was logged: ``train_time``)."""
+    was logged: ``train_time``) and the generalisation gap ``generalisation_gap`` = final test
+    loss − final train loss (the paper's ``FinalLosses`` table)."""
+    if {"final_test_loss", "final_train_loss"} <= set(df) and "generalisation_gap" not in df:
+        df = df.copy()
+        df["generalisation_gap"] = pd.to_numeric(
+            df["final_test_loss"], errors="coerce"
+        ) - pd.to_numeric(df["final_train_loss"], errors="coerce")
     if "train_time" in df and "time_excl_warmup" not in df:
         df = df.copy()
         warm = pd.to_numeric(df.get("warmup_time", 0.0), errors="coerce")
@@ -170,7 +179,7 @@ def _fmt(m: float, se: float, key: str) -> str:
         return f"{m:.0f} ± {se:.0f}"
     if key == "train_time":
         return f"{m:.3g} ± {se:.2g}"
-    if key == "final_test_accuracy":
+    if key in ("final_test_accuracy", "final_train_accuracy"):
         return f"{m:.4f} ± {se:.4f}"
     return f"{m:.4g} ± {se:.2g}"
 
@@ -513,6 +522,8 @@ def build_report(
     kinds: Sequence[str] = ("run", "repeat"),
     time_axis: str = "train",
     plots: bool = True,
+    variants: Sequence[str] | None = None,
+    name: str = "report",
 ) -> dict[str, Any]:
     """Write ``OUT/report/``: ``table.md``, ``table.csv``, ``table.tex``, ``runs.csv`` and plots.
 
@@ -521,19 +532,35 @@ def build_report(
         kinds: run kinds to include.
         time_axis: ``train`` (training time, excluding evaluation) or ``wall``.
         plots: also draw the plots.
+        variants: only these variants, in this order (e.g. one ablation's subset of a suite);
+            ``None``: all.
+        name: the report's folder under ``out_dir`` (``report``; another name keeps a subset's
+            report beside the full one).
+
+    Raises:
+        ValueError: a name in ``variants`` matches no run (the message lists the variants).
 
     Returns:
         ``{"dir", "table_md", "table_csv", "table_tex", "runs_csv", "plots": [...], "table"}``.
 
-    Raises:
         FileNotFoundError: ``out_dir`` has no ``index.json``.
     """
     store = RunStore(out_dir)
     if not store.index_path.exists():
         raise FileNotFoundError(f"{store.root} has no index.json: not a qlrlab output directory")
-    root = confined(store.root, "report")
-    root.mkdir(parents=True, exist_ok=True)
+    root = confined(store.root, safe_name(name))
     df = collect_runs(store.root, kinds)
+    if variants is not None and not df.empty:
+        have = [str(v) for v in dict.fromkeys(df["variant"].dropna())]
+        missing = [v for v in variants if v not in have]
+        if missing:
+            raise ValueError(
+                f"no runs of variant(s) {missing}; the variants in {store.root} are {have}"
+            )
+        order = {v: i for i, v in enumerate(variants)}
+        df = df[df["variant"].isin(order)]
+        df = df.iloc[np.argsort([order[v] for v in df["variant"]], kind="stable")]
+    root.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"dir": root, "plots": []}
     if df.empty:
         atomic_write_text(root / "table.md", "No finished runs yet.\n")

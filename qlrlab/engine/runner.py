@@ -358,6 +358,7 @@ def execute_run(
 
     recent: list[float] = []
     batches: Iterator[Any] | None = None
+    last_eval_time = train_time  # training seconds at the last evaluation (eval.every_seconds)
     try:
         with _StopFlag() as term:
             if step == 0 and ev.at_start and not rows:
@@ -427,7 +428,12 @@ def execute_run(
                 evaluated = False
                 if not nonfinite:
                     recent.append(float(loss))
-                    if ev.every is not None and step % ev.every == 0:
+                    due = ev.every is not None and step % ev.every == 0
+                    if ev.every_seconds is not None:
+                        late = train_time - last_eval_time >= ev.every_seconds
+                        due = _any_worker(due or late, world)
+                    if due:
+                        last_eval_time = train_time
                         res = do_eval(ev.splits)
                         row.update(res)
                         evaluated = True

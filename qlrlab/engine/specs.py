@@ -361,6 +361,9 @@ class EvalSpec(_Strict):
     Attributes:
         every: evaluate every this many steps (``1`` = per-step full evaluation as the paper);
             ``None`` only evaluates at the start and at the end.
+        every_seconds: also evaluate once this many seconds of training time have passed since
+            the last evaluation (a cadence for time-based early stopping, whatever the batch
+            size; the decision is shared by all data-parallel workers). ``None``: no time cadence.
         at_start: evaluate the initial model (step 0).
         at_end: evaluate the final model.
         splits: splits evaluated periodically.
@@ -368,6 +371,7 @@ class EvalSpec(_Strict):
     """
 
     every: int | None = Field(None, ge=1)
+    every_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
     at_start: bool = True
     at_end: bool = True
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val", "test"])
@@ -456,6 +460,8 @@ class RunSpec(_Strict):
 #: run fields added after runs were first stored: left out of the identity at their default, so
 #: that earlier result directories keep their run hashes
 LATER_FIELD_DEFAULTS: dict[str, Any] = {"nan_padding": False}
+#: the same for fields of nested specs: ``(field, subfield) -> default``
+LATER_SUBFIELD_DEFAULTS: dict[tuple[str, str], Any] = {("eval", "every_seconds"): None}
 
 #: directions whose curvature comes from BackPACK's own loss handling (no NaN-padding emulation)
 _BACKPACK_DIRECTIONS = frozenset({"kfac", "diag_ggn"})
@@ -482,6 +488,9 @@ def run_hash(spec: RunSpec) -> str:
     exclude = set(NON_IDENTITY_FIELDS)
     exclude.update(k for k, v in LATER_FIELD_DEFAULTS.items() if getattr(spec, k) == v)
     data = spec.model_dump(mode="json", exclude=exclude)
+    for (field, sub), default in LATER_SUBFIELD_DEFAULTS.items():
+        if field in data and getattr(getattr(spec, field), sub) == default:
+            data[field].pop(sub, None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -150,17 +150,19 @@ def validate_space(spec: TuneSpec, base: RunSpec) -> None:
                     field=f"space.{key}",
                     fix=exc.fix,
                 ) from None
-    if spec.scheduler.type != "none" and base.eval.every is None and spec.metric != "batch_loss":
+    never_mid_run = base.eval.every is None and base.eval.every_seconds is None
+    if spec.scheduler.type != "none" and never_mid_run and spec.metric != "batch_loss":
         raise SpecError(
             "the scheduler needs intermediate results but trials only evaluate at the end",
             field="trial_overrides",
-            fix="set trial_overrides: {eval.every: K} (or scheduler.type: none)",
+            fix="set trial_overrides: {eval.every: K} or {eval.every_seconds: S} "
+            "(or scheduler.type: none)",
         )
-    if spec.metric == "batch_loss" and spec.scheduler.type != "none" and base.eval.every is None:
+    if spec.metric == "batch_loss" and spec.scheduler.type != "none" and never_mid_run:
         raise SpecError(
             "metric batch_loss is reported at evaluations; trials never evaluate mid-run",
             field="trial_overrides",
-            fix="set trial_overrides: {eval.every: K}",
+            fix="set trial_overrides: {eval.every: K} or {eval.every_seconds: S}",
         )
 
 
