@@ -147,6 +147,28 @@ def _detach(x: Any) -> Any:
     return x
 
 
+class _ObserverHook:
+    """The model's forward pre-hook: calls its observer.
+
+    A class of its own so that the fast path can tell qlrlab's observing hooks from a user's: an
+    optimiser removes its own while it runs its passes, and a *copied* one (``copy.deepcopy`` or
+    pickling of an observed model copies its hooks, and with them a copy of the observer) never
+    records inside an optimiser's passes either, so neither changes what a forward computes.
+    """
+
+    def __init__(self, observer: BatchObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.observer._on_model(module, args, kwargs)
+
+
+def only_observer_hooks(hooks: Mapping[Any, Any]) -> bool:
+    """Whether every hook in a module's hook dict is a qlrlab observing hook (or there is none):
+    such hooks record nothing inside an optimiser's passes."""
+    return all(isinstance(h, _ObserverHook) for h in hooks.values())
+
+
 class BatchObserver:
     """Records the model's inputs and the loss module's targets between steps.
 
@@ -180,7 +202,8 @@ class BatchObserver:
         """Install the model's hook (idempotent)."""
         if self._handles:
             return
-        self._handles = [self.model.register_forward_pre_hook(self._on_model, with_kwargs=True)]
+        hook = _ObserverHook(self)
+        self._handles = [self.model.register_forward_pre_hook(hook, with_kwargs=True)]
 
     def detach(self) -> None:
         """Remove the model's hook (a model without hooks keeps the fast path's hook-free

@@ -54,4 +54,4 @@ def test_evaluation_builds_no_autograd_graph(task):
         task.evaluate(model, "val")
     finally:
         handle.remove()
-    assert seen == [False]
+    assert seen and not any(seen)  # every chunk of the split without a graph

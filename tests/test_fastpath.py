@@ -516,3 +516,34 @@ def test_blocked_relu_and_head_match_the_one_pass_tangent(monkeypatch, case: str
     _same_results_under_settings(
         monkeypatch, model, nn.CrossEntropyLoss(), x, y, settings, params, mask_kind, blocked
     )
+
+
+def test_a_copied_model_is_a_new_model_to_every_optimiser(tmp_path):
+    """``copy.deepcopy`` / ``torch.save`` of a model that an optimiser observes copy its hooks:
+    the copy must not cost a new optimiser on the copied model the fast path, nor record into the
+    original optimiser. Found by the contract suite: diag_ggn's resumed twin took the torch.func
+    path and its alpha differed in the last bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = build_optimizer("adamqlr", model, loss_fn)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt.step((x, y))
+    copied = copy.deepcopy(model)
+    assert copied._forward_pre_hooks  # a copy of the observing hook came along
+    from qlrlab.backends.fastpath import _direct_chain
+
+    assert _direct_chain(copied) is not None  # still run without hooks by the fast path
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loss_fn(loaded(x), y).backward()
+    loss_fn(copied(x), y).backward()
+    assert opt._observer.model_calls == 0  # the copies' forwards are not the original's batch
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))  # no hooks at all
+    fresh.load_state_dict(copied.state_dict())
+    twin = build_optimizer("adamqlr", copied, loss_fn)
+    ref = build_optimizer("adamqlr", fresh, loss_fn)
+    for _ in range(2):
+        a, b = ref.step((x, y)), twin.step((x, y))
+        assert twin.curvature.last_path == ref.curvature.last_path == "fast"
+        assert a.alpha == b.alpha

@@ -13,6 +13,7 @@ Usage (from the repository root)::
     python examples/paper/study.py tune --jobs 2    # run the studies (resumable; skips finished)
     python examples/paper/study.py apply            # tuned values -> examples/paper/<task>.yaml
     qlrlab ablate examples/paper/<task>.yaml --workers 2 && qlrlab report results/paper/<task>
+    python examples/paper/study.py figures          # reports -> docs/reproduction/ (PNG, tables)
 
 ``tune`` runs ``qlrlab tune SPEC --resume`` for each study (``--jobs`` at once, one torch thread
 each) and keeps every study's output in ``results/paper-study/tuning/<task>/<variant>``;
@@ -28,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -111,7 +113,7 @@ MAIN = [
 SCALE: dict[str, dict[str, Any]] = {
     "rosenbrock": {
         "tuned": ["SGD Minimal", "SGD Full", "Adam", "K-FAC", "AdamQLR (Hessian, Tuned)"],
-        "n_trials": 40,
+        "n_trials": 100,
         "cap": 10.0,
         "budget": {"steps": 200},
         "batch": 1,
@@ -121,7 +123,7 @@ SCALE: dict[str, dict[str, Any]] = {
     },
     "uci_energy": {
         "tuned": MAIN,
-        "n_trials": 20,
+        "n_trials": 50,
         "cap": 10.0,
         "budget": {"epochs": 4000},
         "batch": 588,
@@ -130,7 +132,7 @@ SCALE: dict[str, dict[str, Any]] = {
     },
     "uci_protein": {
         "tuned": MAIN,
-        "n_trials": 20,
+        "n_trials": 50,
         "cap": 16.0,
         "budget": {"epochs": 20},  # the paper: 200 epochs (see the suite's header)
         "batch": 1000,
@@ -139,7 +141,7 @@ SCALE: dict[str, dict[str, Any]] = {
     },
     "fashion_mnist": {
         "tuned": [*MAIN, "AdamQLR (Undamped)"],
-        "n_trials": 20,
+        "n_trials": 50,
         "cap": 16.0,
         "budget": {"epochs": 10},
         "batch": 50,
@@ -187,6 +189,8 @@ def tune_spec(task: str, label: str) -> dict[str, Any]:
         "scope": "last",
         "n_trials": s["n_trials"],
         "sampler": "random",
+        # a seed of the study's own: studies with the same search space draw different samples
+        "sampler_seed": zlib.crc32(f"{task}/{label}".encode()) % 2**31,
         "scheduler": {
             "type": "asha",
             "resource": "seconds",
@@ -234,11 +238,11 @@ def run_one(task: str, label: str) -> tuple[str, str, int]:
 
 
 def tune(tasks: list[str], jobs: int) -> int:
-    todo = [
-        (t, v)
-        for t, v in studies(tasks)
-        if not (ROOT / RESULTS / t / slug(v) / "best.json").exists()
-    ]
+    def done(task: str, label: str) -> bool:  # finished with at least SCALE's trial count
+        p = ROOT / RESULTS / task / slug(label) / "best.json"
+        return p.exists() and json.loads(p.read_text())["n_trials"] >= SCALE[task]["n_trials"]
+
+    todo = [(t, v) for t, v in studies(tasks) if not done(t, v)]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(lambda tv: run_one(*tv), todo))
     return max([rc for *_, rc in results], default=0)
@@ -255,9 +259,50 @@ def best(task: str, label: str) -> dict[str, Any] | None:
     return json.loads(record.read_text()) if record.exists() else None
 
 
+#: the docs page's reports: (results folder, report name, variants or None for all)
+REPORTS: list[tuple[str, str, list[str] | None]] = [
+    ("rosenbrock", "report", None),
+    ("uci_energy", "report", None),
+    ("uci_protein", "report", None),
+    ("fashion_mnist", "report", None),
+    ("fashion_mnist", "report-damping", ["Adam", "AdamQLR (Undamped)", "AdamQLR (Tuned)"]),
+    ("fashion_mnist", "report-curvature", ["Adam", "AdamQLR (Hessian)", "AdamQLR (Tuned)"]),
+    ("fashion_mnist_sensitivity", "report", None),
+    ("fashion_mnist_beyond", "report", None),
+]
+DOCS = ROOT / "docs" / "reproduction"
+
+
+def figures() -> int:
+    """``qlrlab report`` on each suite's results, then copy the PNGs and tables into the docs."""
+    import shutil
+
+    rc = 0
+    for folder, name, variants in REPORTS:
+        out = ROOT / "results" / "paper" / folder
+        if not (out / "index.json").exists():
+            print(f"skip {folder}: no results (run qlrlab ablate examples/paper/{folder}.yaml)")
+            continue
+        cmd = [sys.executable, "-m", "qlrlab", "report", str(out), "--name", name]
+        if variants:
+            cmd += ["--variants", *variants]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        rc = rc or r.returncode
+        if r.returncode:
+            print(r.stderr)
+            continue
+        dest = DOCS / (folder if name == "report" else f"{folder}-{name.removeprefix('report-')}")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted((out / name).iterdir()):
+            if f.suffix == ".png" or f.name in ("table.md", "captions.md", "table.csv"):
+                shutil.copy2(f, dest / f.name)
+        print(f"{folder} ({name}) -> {dest.relative_to(ROOT)}")
+    return rc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["specs", "tune", "apply"])
+    ap.add_argument("command", choices=["specs", "tune", "apply", "figures"])
     ap.add_argument("--tasks", nargs="*", default=list(SCALE))
     ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args()
@@ -266,6 +311,8 @@ def main() -> int:
         return 0
     if a.command == "tune":
         return tune(a.tasks, a.jobs)
+    if a.command == "figures":
+        return figures()
     from suites import write_beyond, write_sensitivity, write_suite  # type: ignore[import-not-found]
 
     for task in a.tasks:

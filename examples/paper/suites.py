@@ -43,6 +43,11 @@ UNTUNED: dict[str, list[tuple[str, str]]] = {
 RENAME = {"rosenbrock": {"SGD Minimal": "GD Minimal", "SGD Full": "GD Full"}}
 
 
+def display_name(task: str, label: str) -> str:
+    """The variant's name in the suite of ``task`` (GD instead of SGD on Rosenbrock)."""
+    return RENAME.get(task, {}).get(label, label)
+
+
 def _value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -50,7 +55,7 @@ def _value(v: Any) -> str:
 def _variant(
     task: str, label: str, preset: str, best: dict[str, Any] | None, study: str
 ) -> tuple[str, str]:
-    name = RENAME.get(task, {}).get(label, label)
+    name = display_name(task, label)
     if best is None:
         name = name.replace(" (Tuned)", "").replace(", Tuned", "") + " (defaults, not tuned)"
         return name, f"  {name}: {{optimizer: {preset}}}   # no study result: preset defaults"
@@ -67,12 +72,12 @@ def _variant(
 def write_suite(task: str, tuned: dict[str, dict[str, Any] | None], scale: dict[str, Any]) -> Path:
     """Write ``examples/paper/<task>.yaml`` from the tuning results ``tuned`` (label -> best.json
     or ``None``)."""
-    from study import TUNED, spec_path  # type: ignore[import-not-found]
+    from study import ROOT, TUNED, spec_path  # type: ignore[import-not-found]
 
     lines = []
     for label, best in tuned.items():
         preset = TUNED[label][0]
-        study = str(spec_path(task, label).relative_to(HERE.parents[1]))
+        study = str(spec_path(task, label).relative_to(ROOT))
         lines.append(_variant(task, label, preset, best, study)[1])
     for label, body in UNTUNED.get(task, UNTUNED["default"]):
         lines.append(f"  {label}: {body}")
@@ -142,6 +147,7 @@ def write_sensitivity(best: dict[str, Any] | None) -> Path:
     """``examples/paper/fashion_mnist_sensitivity.yaml``: the λ0 and batch-size sensitivity
     studies (paper §4.2) from AdamQLR (Tuned)'s configuration."""
     items, source = _qlr_items(best)
+    name = "AdamQLR (Tuned)" if best is not None else "AdamQLR (defaults, not tuned)"
     text = f"""\
 # Sensitivity of AdamQLR on Fashion-MNIST (paper section 4.2) at this study's CPU scale: starting
 # from AdamQLR (Tuned) ({source}), one setting changes at a time:
@@ -163,7 +169,8 @@ base:
   device: auto
   dtype: float32
 variants:
-  AdamQLR (Tuned): {{optimizer: adamqlr, {items}}}
+  {name}: {{optimizer: adamqlr, {items}}}
+    # {"tuned: " + source if best is not None else "no study result: AdamQLR's defaults"}
 sweeps:
   - name: initial_damping
     set:

@@ -59,6 +59,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.pooling import _MaxPoolNd
 
 from qlrlab._compat import global_module_hooks, plain_module_call, version, written_since
+from qlrlab._observe import only_observer_hooks
 
 __all__ = [
     "CLASS_MAJOR_FIRST_MIN_IN",
@@ -233,7 +234,9 @@ def _direct_chain(model: nn.Module) -> tuple[list[nn.Module], Any] | None:
         return None
     if not plain_module_call(model):
         return None
-    if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks:
+    if model._forward_hooks or not only_observer_hooks(model._forward_pre_hooks):
+        return None  # (a copied model keeps a copy of an optimiser's observing hook)
+    if model._backward_hooks:
         return None
     if model._backward_pre_hooks:
         return None
