@@ -325,3 +325,20 @@ def test_json_schema_lists_every_registered_component() -> None:
     for reg in (qlrlab.DIRECTIONS, qlrlab.CURVATURES, qlrlab.STEP_SIZES, qlrlab.DAMPINGS):
         for name in reg.names():
             assert name in text
+
+
+@pytest.mark.parametrize("preset", ["adamqlr", "adamqlr_hessian", "sgdqlr", "kfac", "lbfgs_qlr"])
+def test_a_stationary_point_is_a_zero_step_not_a_divergence(preset):
+    """At an exact minimum (g = 0, so d = 0) the quadratic model is flat: alpha = 0 and the step
+    is ``ok``. It was 0/0 = NaN, refused as ``nonfinite_alpha``, and the engine ended the run as
+    diverged (K-FAC's Gauss-Newton steps reach Rosenbrock's minimum exactly in float32)."""
+    from qlrlab import build_optimizer
+    from qlrlab.tasks import TASKS
+
+    task = TASKS.validate({"name": "rosenbrock", "start": (1.0, 1.0)}).build()
+    opt = build_optimizer(preset, task.model, task.loss_fn)
+    batch = next(iter(task.train_batches(1, torch.Generator())))
+    for _ in range(2):
+        info = opt.step(batch)
+        assert info.status == "ok" and info.alpha == 0.0 and info.loss == 0.0
+    assert float(task.model.x) == 1.0 and float(task.model.y) == 1.0

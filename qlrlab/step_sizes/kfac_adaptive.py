@@ -113,8 +113,9 @@ class KFACAdaptiveStepSize(StepSizeRule):
                 out = torch.stack([alpha, mu])
                 if bool(torch.isfinite(out).all()):
                     return out.to(q.dtype)
-            return torch.stack([-b64[0] / q64[0, 0], torch.zeros_like(b64[0])]).to(q.dtype)
-        return (-b64 / q64[0, 0]).to(q.dtype)
+            alpha = _one_by_one(b64[0], q64[0, 0])
+            return torch.stack([alpha, torch.zeros_like(b64[0])]).to(q.dtype)
+        return _one_by_one(b64[0], q64[0, 0]).reshape(1).to(q.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """The previous update (``None`` before the first step)."""
@@ -124,3 +125,10 @@ class KFACAdaptiveStepSize(StepSizeRule):
         """Restore the previous update."""
         prev = state.get("previous")
         self.previous = None if prev is None else [t.clone() for t in prev]
+
+
+def _one_by_one(b: Tensor, q: Tensor) -> Tensor:
+    """:math:`-b/q`, and 0 at a stationary point (:math:`b = q = 0`: a flat model, not 0/0)."""
+    if float(b) == 0.0 and float(q) == 0.0:
+        return torch.zeros_like(b)
+    return -b / q

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field
 
 from qlrlab._tensorlist import dot, sq_norm
@@ -65,6 +66,9 @@ class QuadraticStepSize(StepSizeRule):
         if self.spec.saddle_free:
             denom = denom.abs()
         alpha = gd / denom
+        # at a stationary point (g = 0, so d = 0 for every direction here) the model is flat:
+        # alpha = 0, not 0/0 (a NaN the optimiser would refuse as non-finite, ending the run)
+        alpha = torch.where((gd == 0) & (denom == 0), torch.zeros_like(alpha), alpha)
         if self.spec.clip is not None:
             alpha = alpha.clamp(-self.spec.clip, self.spec.clip)
         if self.spec.amplification != 1.0:  # (x * 1.0 == x exactly: skip the op)
