@@ -48,13 +48,28 @@ class ComponentSpec(BaseModel):
 
     Attributes:
         requires_curvature: the component cannot work without a curvature oracle.
+        supports_nan_padding: the component works under a run's ``nan_padding`` (the engine's
+            emulation of the original code's NaN padding of short batches); ``None`` (not
+            declared) takes the family's default (:attr:`Registry.supports_nan_padding`). A spec
+            whose answer depends on its fields overrides :meth:`nan_padding_unsupported`.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     requires_curvature: ClassVar[bool] = False
+    supports_nan_padding: ClassVar[bool | None] = None
 
     name: str
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """Why this component cannot run under ``nan_padding`` (``None``: it can).
+
+        Args:
+            family: the component's family (``"direction"``, ``"curvature"``...), for the message.
+        """
+        if self.supports_nan_padding is False:
+            return f"{family} {self.name!r} has no NaN-padding emulation"
+        return None
 
     def build(self) -> Any:
         """Construct the component described by this spec."""
@@ -72,13 +87,16 @@ class Registry(Generic[S]):
         off: what switching the family off means (the value an ablation's ``minus:`` puts in
             its place, e.g. ``None`` for the curvature); leave unset for a family that cannot be
             switched off.
+        supports_nan_padding: whether a component of this family that does not declare
+            :attr:`ComponentSpec.supports_nan_padding` runs under ``nan_padding``.
 
     Attributes:
         can_switch_off: whether ``off`` was given.
     """
 
-    def __init__(self, family: str, *, off: Any = ...) -> None:
+    def __init__(self, family: str, *, off: Any = ..., supports_nan_padding: bool = True) -> None:
         self.family = family
+        self.supports_nan_padding = supports_nan_padding
         self._table: dict[str, type[S]] = {}
         self.can_switch_off = off is not ...
         self._off = off
@@ -138,6 +156,13 @@ class Registry(Generic[S]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
+    def nan_padding_unsupported(self, spec: ComponentSpec) -> str | None:
+        """Why the component ``spec`` of this family cannot run under ``nan_padding`` (``None``:
+        it can); an undeclared component takes the family's default."""
+        if type(spec).supports_nan_padding is None and not self.supports_nan_padding:
+            return f"{self.family} {spec.name!r} has no NaN-padding emulation"
+        return spec.nan_padding_unsupported(self.family)
+
     def validate(self, value: Any) -> S:
         """Turn a mapping (or a name, or a spec instance) into the registered spec instance.
 
@@ -168,7 +193,9 @@ class Registry(Generic[S]):
 
 DIRECTIONS: Registry[ComponentSpec] = Registry("direction")
 """Direction providers (:class:`qlrlab.interfaces.DirectionProvider`), by spec name."""
-CURVATURES: Registry[ComponentSpec] = Registry("curvature", off=None)
+CURVATURES: Registry[ComponentSpec] = Registry(
+    "curvature", off=None, supports_nan_padding=False
+)
 """Curvature oracles (:class:`qlrlab.interfaces.CurvatureOracle`), by spec name."""
 STEP_SIZES: Registry[ComponentSpec] = Registry("step_size")
 """Step-size rules (:class:`qlrlab.interfaces.StepSizeRule`), by spec name."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,15 @@ class GGNSpec(ComponentSpec):
             each step; reference).
     """
 
+    supports_nan_padding: ClassVar[bool] = True
     name: Literal["ggn"] = "ggn"
     backend: Literal["own", "fast", "jvp", "curvlinops"] = "own"
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """The curvlinops back-end has no NaN-padding emulation."""
+        if self.backend == "curvlinops":
+            return "the curvlinops back-end has no NaN-padding emulation"
+        return None
 
     def build(self) -> GGNOracle:
         """Build the oracle."""

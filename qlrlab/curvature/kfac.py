@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -45,6 +45,7 @@ class KFACOracleSpec(ComponentSpec):
             layers other than ``Linear``/``Conv2d`` (curvlinops always rejects them).
     """
 
+    supports_nan_padding: ClassVar[bool] = False
     name: Literal["kfac"] = "kfac"
     fisher: Literal["type-2", "mc"] = "type-2"
     mc_samples: int = Field(1, ge=1)

@@ -62,7 +62,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -120,6 +120,7 @@ class KFACSpec(ComponentSpec):
             docstring).
     """
 
+    supports_nan_padding: ClassVar[bool] = False
     name: Literal["kfac"] = "kfac"
     backend: Literal["auto", "hooks", "backpack"] = "auto"
     fisher: Literal["mc", "type-2"] = "mc"
@@ -150,6 +151,10 @@ class KFACSpec(ComponentSpec):
                 "have a fixed convention); set backend: hooks"
             )
         return self
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """BackPACK computes this direction's curvature with its own loss handling."""
+        return f"the {self.name!r} direction takes its curvature from BackPACK"
 
     def build(self) -> KFACDirection:
         """Build the direction provider."""

@@ -26,7 +26,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from qlrlab.engine.specs import RunSpec, SpecError, finite, run_hash
+from qlrlab.engine.errors import SpecError
+from qlrlab.engine.hashing import run_hash
+from qlrlab.engine.models import RunSpec, finite
 from qlrlab.engine.storage import (
     RunStore,
     atomic_write_json,
