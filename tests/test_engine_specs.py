@@ -244,3 +244,60 @@ def test_nan_padding_rejects_optimizers_it_cannot_emulate(optimizer, words):
         apply_overrides({**BASE, "optimizer": optimizer, "nan_padding": True}, [])
     for ok in ("adamqlr", "adamqlr_hessian", "adam"):
         RunSpec.model_validate({**BASE, "optimizer": ok, "nan_padding": True})
+
+
+def test_nan_padding_support_is_declared_by_the_components():
+    """The engine asks each component (its ``supports_nan_padding``, or its family's default when
+    it declares nothing) instead of keeping a table of component names."""
+    from typing import ClassVar, Literal
+
+    from qlrlab.curvature.ggn import GGNSpec
+    from qlrlab.directions.adam import AdamSpec
+    from qlrlab.registry import CURVATURES, DIRECTIONS
+
+    @DIRECTIONS.register("no_padding_adam")
+    class NoPaddingAdam(AdamSpec):
+        name: Literal["no_padding_adam"] = "no_padding_adam"  # type: ignore[assignment]
+        supports_nan_padding: ClassVar[bool] = False
+
+    @CURVATURES.register("undeclared_ggn")
+    class UndeclaredGGN(GGNSpec):
+        name: Literal["undeclared_ggn"] = "undeclared_ggn"  # type: ignore[assignment]
+        supports_nan_padding: ClassVar[bool | None] = None
+
+    @CURVATURES.register("declared_ggn")
+    class DeclaredGGN(GGNSpec):
+        name: Literal["declared_ggn"] = "declared_ggn"  # type: ignore[assignment]
+
+    try:
+        run = {**BASE, "nan_padding": True}
+        with pytest.raises(ValueError, match="nan_padding: direction 'no_padding_adam' has no NaN"):
+            RunSpec.model_validate(
+                {
+                    **run,
+                    "optimizer": {"preset": "adamqlr", "direction": {"name": "no_padding_adam"}},
+                }
+            )
+        # a curvature that declares nothing takes its family's default: not supported
+        with pytest.raises(ValueError, match="nan_padding: curvature 'undeclared_ggn' has no NaN"):
+            RunSpec.model_validate(
+                {**run, "optimizer": {"preset": "adamqlr", "curvature": {"name": "undeclared_ggn"}}}
+            )
+        # ... one that inherits GGN's declaration (and its back-end rule) is
+        RunSpec.model_validate(
+            {**run, "optimizer": {"preset": "adamqlr", "curvature": {"name": "declared_ggn"}}}
+        )
+        with pytest.raises(ValueError, match="curvlinops back-end"):
+            RunSpec.model_validate(
+                {
+                    **run,
+                    "optimizer": {
+                        "preset": "adamqlr",
+                        "curvature": {"name": "declared_ggn", "backend": "curvlinops"},
+                    },
+                }
+            )
+    finally:
+        DIRECTIONS.unregister("no_padding_adam")
+        CURVATURES.unregister("undeclared_ggn")
+        CURVATURES.unregister("declared_ggn")
