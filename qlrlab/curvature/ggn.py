@@ -93,7 +93,7 @@ class BoundGGN(BoundCurvature):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with torch.no_grad(), side_effect_free(self.problem.model), sdpa_kernel(SDPBackend.MATH):
-            z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))
+            z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))  # type: ignore[misc]
         self._z = z
         return z, u
 
@@ -121,8 +121,8 @@ class BoundGGN(BoundCurvature):
         hu = output_hvp(self.problem.loss_fn, z, self.problem.targets, u)
         if self._vjp is None:
             with torch.enable_grad(), side_effect_free(self.problem.model):
-                _, self._vjp = torch.func.vjp(self._f, *self._params)
-        return [t.detach() for t in self._vjp(hu)]
+                _, self._vjp = torch.func.vjp(self._f, *self._params)  # type: ignore[assignment, misc]
+        return [t.detach() for t in self._vjp(hu)]  # type: ignore[misc]
 
 
 class FastBoundGGN(BoundGGN):

@@ -112,7 +112,7 @@ class KFACOracle(CurvatureOracle):
                 fallback=s.fallback,
             )
             return
-        from qlrlab.curvature._curvlinops import check_curvlinops_support
+        from qlrlab.backends.curvlinops_adapter import check_curvlinops_support
 
         check_curvlinops_support(model, loss_fn)
         ids = {id(p) for p in params}
@@ -139,7 +139,7 @@ class KFACOracle(CurvatureOracle):
             return BoundKFAC(self.twin.collect(), len(problem.params))
         from curvlinops import KFACLinearOperator
 
-        from qlrlab.curvature._curvlinops import CurvlinopsBound
+        from qlrlab.backends.curvlinops_adapter import CurvlinopsBound
 
         kw: dict[str, Any] = {"fisher_type": s.fisher, "seed": seed}
         if s.fisher == "mc":

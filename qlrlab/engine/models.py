@@ -152,9 +152,9 @@ class EvalSpec(_Strict):
     every_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
     at_start: bool = True
     at_end: bool = True
-    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val", "test"])
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val", "test"])  # type: ignore[arg-type]
     final_splits: list[Literal["train", "val", "test"]] = Field(
-        default_factory=lambda: ["train", "val", "test"]
+        default_factory=lambda: ["train", "val", "test"]  # type: ignore[arg-type]
     )
 
 

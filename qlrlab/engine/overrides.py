@@ -156,7 +156,8 @@ def resolve_run(
         SpecError: on any problem, before anything runs.
     """
     if isinstance(path_or_raw, Mapping):
-        raw, lines, source = dict(path_or_raw), {}, None
+        raw, source = dict(path_or_raw), None
+        lines: dict[str, int] = {}
     else:
         raw, lines = load_yaml(path_or_raw)
         source = str(path_or_raw)

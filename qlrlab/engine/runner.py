@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +157,7 @@ def _budget_steps(spec: RunSpec, task: Any, batch_size: int) -> tuple[int | None
     return (min(limits) if limits else None), b.seconds
 
 
-def _evaluate(task: Any, model: torch.nn.Module, splits: list[str]) -> dict[str, float]:
+def _evaluate(task: Any, model: torch.nn.Module, splits: Sequence[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for split in splits:
         try:
@@ -375,7 +375,7 @@ class _Evaluation:
         self.ev, self.run, self.clock, self.reporter = spec.eval, run, clock, reporter
         self.last_time = c.train_time  # training seconds at the last evaluation
 
-    def __call__(self, splits: list[str]) -> dict[str, float]:
+    def __call__(self, splits: Sequence[str]) -> dict[str, float]:
         res = _evaluate(self.run.task, self.run.model, splits)
         self.clock.sync()
         return res

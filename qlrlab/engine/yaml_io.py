@@ -66,17 +66,17 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        col = f", column {mark.column + 1}" if mark is not None else ""
+        at_line = mark.line + 1 if mark is not None else None
+        at_col = f", column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         context = getattr(exc, "context", None)
         cmark = getattr(exc, "context_mark", None)
-        if context and cmark is not None and cmark.line + 1 != line:
+        if context and cmark is not None and cmark.line + 1 != at_line:
             context += f" that started at line {cmark.line + 1}"
         raise SpecError(
-            f"malformed YAML{col}: {problem}" + (f" ({context})" if context else ""),
+            f"malformed YAML{at_col}: {problem}" + (f" ({context})" if context else ""),
             source=str(p),
-            line=line,
+            line=at_line,
             fix="fix the YAML syntax at that line (indentation, a missing ':' or an unclosed "
             "bracket/quote)",
         ) from None

@@ -146,7 +146,7 @@ def validate_space(spec: TuneSpec, base: RunSpec) -> None:
         samples = p.choices if p.type == "choice" else [p.low, p.high]
         for v in samples or []:
             if p.type in ("int", "log_int"):
-                v = int(v)
+                v = int(v)  # type: ignore[arg-type]
             try:
                 apply_overrides(base.model_dump(mode="json"), spec.params_to_overrides({key: v}))
             except SpecError as exc:

@@ -83,7 +83,7 @@ def _objective_value(
         if summary.get("status") == "diverged":
             return math.inf
         v = summary.get(_SUMMARY_KEY[spec.metric])
-        return float(v) if finite(v) else math.inf
+        return float(v) if finite(v) else math.inf  # type: ignore[arg-type]
     df = store.metrics(h)
     col = _METRIC_COLUMN[spec.metric]
     if df is None or col not in df:
@@ -103,7 +103,7 @@ def _metric_from(spec: TuneSpec, metrics: Mapping[str, float]) -> float | None:
         spec.metric, "batch_loss"
     )
     v = metrics.get(key)
-    return float(v) if finite(v) else None
+    return float(v) if finite(v) else None  # type: ignore[arg-type]
 
 
 def _labels(run: RunSpec, **extra: Any) -> dict[str, Any]:

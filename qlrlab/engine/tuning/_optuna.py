@@ -214,5 +214,5 @@ def _tune_optuna(
     ]
     if not complete:
         return {}, None, n_finished
-    best = min(complete, key=lambda t: t.value)
-    return dict(best.params), float(best.value), n_finished
+    best = min(complete, key=lambda t: t.value)  # type: ignore[arg-type, return-value]
+    return dict(best.params), float(best.value), n_finished  # type: ignore[arg-type]

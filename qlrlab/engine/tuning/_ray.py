@@ -114,15 +114,15 @@ def _tune_ray(
     for i, key in enumerate(keys):
         p = spec.space[key]
         if p.type == "log_uniform":
-            space[f"p{i}"] = tune.loguniform(p.low, p.high)
+            space[f"p{i}"] = tune.loguniform(p.low, p.high)  # type: ignore[arg-type]
         elif p.type == "uniform":
-            space[f"p{i}"] = tune.uniform(p.low, p.high)
+            space[f"p{i}"] = tune.uniform(p.low, p.high)  # type: ignore[arg-type]
         elif p.type == "int":
-            space[f"p{i}"] = tune.randint(int(p.low), int(p.high) + 1)
+            space[f"p{i}"] = tune.randint(int(p.low), int(p.high) + 1)  # type: ignore[arg-type]
         elif p.type == "log_int":
-            space[f"p{i}"] = tune.lograndint(int(p.low), int(p.high) + 1)
+            space[f"p{i}"] = tune.lograndint(int(p.low), int(p.high) + 1)  # type: ignore[arg-type]
         else:
-            space[f"p{i}"] = tune.choice(p.choices)
+            space[f"p{i}"] = tune.choice(p.choices)  # type: ignore[arg-type]
     sch = spec.scheduler
     time_attr = "step" if sch.resource == "steps" else "train_seconds"
     max_t = sch.max_resource
@@ -132,8 +132,8 @@ def _tune_ray(
     if sch.type != "none":
         scheduler = ASHAScheduler(
             time_attr=time_attr,
-            max_t=max_t,
-            grace_period=sch.min_resource,
+            max_t=max_t,  # type: ignore[arg-type]
+            grace_period=sch.min_resource,  # type: ignore[arg-type]
             reduction_factor=sch.reduction_factor,
         )
     from qlrlab.engine.ablation import ensure_ray
@@ -178,12 +178,12 @@ def _tune_ray(
         best_params: dict[str, Any] = {}
         best_value: float | None = None
         n = 0
-        for r in results:
+        for r in results:  # type: ignore[attr-defined]
             n += 1
             if r.config is None:
                 continue
             params = {key: r.config[f"p{i}"] for i, key in enumerate(keys)}
-            run = apply_overrides(ctx["base"], spec.params_to_overrides(params))
+            run = apply_overrides(ctx["base"], spec.params_to_overrides(params))  # type: ignore[arg-type]
             entries.append(
                 {"hash": run_hash(run), "labels": _labels(run, kind="trial", variant="trial")}
             )
@@ -197,9 +197,9 @@ def _tune_ray(
                     error = str(metrics.get("error", "run failed"))
                 failures.append({"params": params, "error": error})
                 continue
-            if finite(value) and value < 1e299:
-                if best_value is None or value < best_value:
-                    best_params, best_value = params, float(value)
+            if finite(value) and value < 1e299:  # type: ignore[operator]
+                if best_value is None or value < best_value:  # type: ignore[operator]
+                    best_params, best_value = params, float(value)  # type: ignore[arg-type]
         store.add_entries(entries)
         return best_params, best_value, n
     finally:
