@@ -301,3 +301,47 @@ def test_nan_padding_support_is_declared_by_the_components():
         DIRECTIONS.unregister("no_padding_adam")
         CURVATURES.unregister("undeclared_ggn")
         CURVATURES.unregister("declared_ggn")
+
+
+#: run hashes computed by the code before the GGN back-end ``own`` was renamed ``auto`` (and
+#: before the engine split): result folders named by them must keep their names
+STORED_HASHES = {
+    "adamqlr": ("adamqlr", "c5909be1dbc98359"),
+    "adamqlr, backend own": ({"preset": "adamqlr", "curvature.backend": "own"}, "c5909be1dbc98359"),
+    "adamqlr, backend auto": (
+        {"preset": "adamqlr", "curvature.backend": "auto"},
+        "c5909be1dbc98359",
+    ),
+    "adamqlr, backend fast": (
+        {"preset": "adamqlr", "curvature.backend": "fast"},
+        "4c8d1b9385dcc379",
+    ),
+    "adamqlr_hessian": ("adamqlr_hessian", "feeddb1420189a13"),
+    "adam": ("adam", "faa28a82f1cfce2f"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORED_HASHES))
+def test_stored_run_hashes_are_unchanged(case):
+    optimizer, stored = STORED_HASHES[case]
+    spec = RunSpec.model_validate({**BASE, "optimizer": optimizer})
+    assert run_hash(spec) == stored
+    # a stored spec.json reads back with the same hash
+    assert run_hash(RunSpec.model_validate(spec.model_dump(mode="json"))) == stored
+
+
+def test_ggn_backend_own_is_read_as_auto_and_stored_as_before():
+    from qlrlab import OptimizerSpec
+    from qlrlab.curvature.ggn import GGNSpec
+
+    assert GGNSpec().backend == "auto"
+    assert GGNSpec(backend="own").backend == "auto"
+    assert GGNSpec.model_validate({"backend": "own"}).model_dump()["backend"] == "auto"
+    # the JSON form (spec.json, run identities) keeps the former spelling
+    assert GGNSpec(backend="auto").model_dump(mode="json")["backend"] == "own"
+    assert GGNSpec(backend="fast").model_dump(mode="json")["backend"] == "fast"
+    opt = OptimizerSpec.model_validate({"direction": "adam", "curvature": {"name": "ggn"}})
+    assert opt.model_dump(mode="json")["curvature"] == {"name": "ggn", "backend": "own"}
+    assert OptimizerSpec.model_validate(opt.model_dump(mode="json")).curvature.backend == "auto"
+    with pytest.raises(ValueError, match="backend"):
+        GGNSpec(backend="mine")

@@ -182,7 +182,7 @@ class RunSpec(_Strict):
             (:class:`qlrlab.losses.NaNPaddedLoss`): for a squared-error loss the GGN quadratic
             model of a batch of :math:`n < B` rows (:math:`B` = ``batch_size``) is scaled by
             :math:`n/B`. Off by default (the correct behaviour); for comparisons
-            with the paper's curves only. Needs a GGN (``backend`` own, fast or jvp) or Hessian
+            with the paper's curves only. Needs a GGN (``backend`` auto, fast or jvp) or Hessian
             (own) curvature, or none, a direction that does not use BackPACK, and one process.
     """
 
