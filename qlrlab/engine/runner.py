@@ -390,6 +390,20 @@ class _Evaluation:
             self.last_time = c.train_time
         return due
 
+    def after_step(
+        self, row: dict[str, Any], c: _Counters, recent: list[float], why: str | None
+    ) -> tuple[bool, str | None]:
+        """After a step (``why``: its divergence, if any): count its batch loss in ``recent`` and
+        evaluate when due, merging the metrics into ``row``; ``(evaluated, why)``."""
+        if why is not None:
+            return False, why
+        recent.append(float(row["loss"]))
+        if not self.due(c):
+            return False, None
+        res = self(self.ev.splits)
+        row.update(res)
+        return True, ("nonfinite_eval" if _nonfinite_loss(res) else None)
+
     def report(self, c: _Counters, metrics: Mapping[str, float], batch_losses: list[float]) -> bool:
         """Tell the reporter; ``True``: prune the run."""
         if self.reporter is None:
@@ -576,12 +590,7 @@ def execute_run(
     try:
         with _StopFlag() as term:
             if c.step == 0 and ev.at_start and not log.rows:
-                res = evaluate(ev.splits)
-                log.append({"step": 0, "epoch": 0.0, "time": 0.0, "wall_time": clock.wall(), **res})
-                if _nonfinite_loss(res):
-                    status, stop_reason = "diverged", "nonfinite_eval"
-                elif evaluate.report(c, res, []):
-                    status, stop_reason = "pruned", "pruned"
+                status, stop_reason = _start_evaluation(evaluate, log, c, clock)
             while status == "running":
                 stop_reason = _budget_spent(spec, run, c, clock)
                 if stop_reason is not None:
@@ -591,16 +600,7 @@ def execute_run(
                 if batch is None:
                     continue
                 row = _train_step(run, batch, c, clock, t0)
-                why = _divergence(row)
-                evaluated = False
-                if why is None:
-                    recent.append(float(row["loss"]))
-                    evaluated = evaluate.due(c)
-                if evaluated:
-                    res = evaluate(ev.splits)
-                    row.update(res)
-                    if _nonfinite_loss(res):
-                        why = "nonfinite_eval"
+                evaluated, why = evaluate.after_step(row, c, recent, _divergence(row))
                 row["wall_time"] = clock.wall()
                 if why is not None or evaluated or c.step % spec.log_every == 0:
                     log.append(row, step=c.step)
@@ -617,10 +617,7 @@ def execute_run(
                     checkpoints.save(c, clock)
                 if term.raised or (stop_after is not None and c.step >= stop_after):
                     checkpoints.save(c, clock)
-                    sig = f" ({term.signal_name})" if term.raised else ""
-                    raise RunInterrupted(
-                        f"run {h} interrupted at step {c.step}{sig}; checkpoint written"
-                    )
+                    raise _interrupted(h, c, term)
             if status == "running":
                 status = "completed"
                 if ev.at_end and not _final_evaluation(ev, evaluate, log, c, run, clock, recent):
@@ -629,8 +626,41 @@ def execute_run(
         bar.close()
         log.close(c.step)
 
-    df = log.write()
-    summary = summarise(
+    summary = _summary(log.write(), status, stop_reason, h, labels, c, clock, run)
+    atomic_write_json(rdir / "summary.json", summary)
+    checkpoints.remove()
+    return RunResult(hash=h, status=status, summary=summary)
+
+
+def _start_evaluation(
+    evaluate: _Evaluation, log: _MetricLog, c: _Counters, clock: _Clock
+) -> tuple[str, str | None]:
+    """Evaluate the initial model (step 0); the run's status after it."""
+    res = evaluate(evaluate.ev.splits)
+    log.append({"step": 0, "epoch": 0.0, "time": 0.0, "wall_time": clock.wall(), **res})
+    if _nonfinite_loss(res):
+        return "diverged", "nonfinite_eval"
+    if evaluate.report(c, res, []):
+        return "pruned", "pruned"
+    return "running", None
+
+
+def _interrupted(h: str, c: _Counters, term: _StopFlag) -> RunInterrupted:
+    sig = f" ({term.signal_name})" if term.raised else ""
+    return RunInterrupted(f"run {h} interrupted at step {c.step}{sig}; checkpoint written")
+
+
+def _summary(
+    df: pd.DataFrame,
+    status: str,
+    stop_reason: str | None,
+    h: str,
+    labels: Mapping[str, Any] | None,
+    c: _Counters,
+    clock: _Clock,
+    run: _Setup,
+) -> dict[str, Any]:
+    return summarise(
         df,
         status=status,
         stop_reason=stop_reason,
@@ -644,9 +674,6 @@ def execute_run(
         batch_size=run.batch_size,
         classification=bool(getattr(run.task, "classification", False)),
     )
-    atomic_write_json(rdir / "summary.json", summary)
-    checkpoints.remove()
-    return RunResult(hash=h, status=status, summary=summary)
 
 
 def _final_evaluation(
