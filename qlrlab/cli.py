@@ -178,7 +178,9 @@ def _load_top(model: Any, path: Path, top: list[tuple[str, Any]]) -> tuple[Any, 
     """Load an ablation/tune YAML, apply top-level overrides, validate."""
     from pydantic import ValidationError
 
-    from qlrlab.engine.specs import SpecError, _format_validation, _set_path, load_yaml
+    from qlrlab.engine.dotted import _set_path
+    from qlrlab.engine.errors import SpecError, _format_validation
+    from qlrlab.engine.yaml_io import load_yaml
 
     raw, lines = load_yaml(path)
     try:

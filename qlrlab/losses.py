@@ -116,7 +116,7 @@ def _ce_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | Non
         count = mask.sum()
         hu = hu * mask.unsqueeze(class_dim).to(hu.dtype)
     else:  # class probabilities
-        count = z.numel() // z.shape[class_dim]
+        count = z.numel() // z.shape[class_dim]  # type: ignore[assignment]
     norm = _normaliser(loss_fn.reduction, count)
     if norm is None:
         return None
@@ -141,7 +141,7 @@ def _bce_hvp(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> Tensor | No
     if loss_fn.weight is not None or loss_fn.pos_weight is not None:
         return None
     s = torch.sigmoid(z)
-    norm = _normaliser(loss_fn.reduction, z.numel())  # type: ignore[arg-type]
+    norm = _normaliser(loss_fn.reduction, z.numel())
     return None if norm is None else s * (1 - s) * u / norm
 
 
@@ -190,7 +190,7 @@ def _ce_quadratic_form(loss_fn: nn.Module, z: Tensor, y: Tensor, u: Tensor) -> T
         count = mask.sum()
         total = (per_pos * mask).sum()
     else:  # class probabilities
-        count = z.numel() // z.shape[1 if z.ndim > 1 else 0]
+        count = z.numel() // z.shape[1 if z.ndim > 1 else 0]  # type: ignore[assignment]
         total = per_pos.sum()
     norm = _normaliser(loss_fn.reduction, count)
     return None if norm is None else total / norm

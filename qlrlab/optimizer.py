@@ -273,7 +273,7 @@ class _Transaction:
         if params:
             assert self._copies is not None, "a schedule that rejects steps must set may_reject"
             with torch.no_grad():
-                for p, saved in zip(self._params, self._copies):
+                for p, saved in zip(self._params, self._copies):  # type: ignore[arg-type]
                     p.copy_(saved)
         for comp, snap in self._saved:
             comp.restore(snap)
@@ -393,7 +393,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         """``torch.optim``'s per-parameter state: each component's
         :meth:`~qlrlab.interfaces.Component.param_state` (e.g. Adam's ``exp_avg``), merged per
@@ -591,7 +591,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         loss_f, grad_norm, raw_f = _floats([loss, norm(grads), raw])
         assert loss_f is not None
         # identities only (no references: holding the old gradients would change allocation)
-        self._grads_left = [None if p.grad is None else (id(p.grad), version(p.grad)) for p in params]
+        self._grads_left = [None if p.grad is None else (id(p.grad), version(p.grad)) for p in params]  # type: ignore[misc]
         return _Gradient(loss, outputs, grads, loss_f, grad_norm, raw_f)
 
     def _clip(self, grads: list[Tensor]) -> Tensor | None:

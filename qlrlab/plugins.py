@@ -49,7 +49,7 @@ def _load_one(name: str) -> tuple[ModuleType, str]:
                 f"module name (e.g. --plugin my_package.heuristics)"
             )
         for module in list(sys.modules.values()):  # already imported (under any name)?
-            if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:
+            if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:  # type: ignore[arg-type]
                 return module, str(path)
         mod_name = f"qlrlab_plugin_{path.stem}"
         spec = importlib.util.spec_from_file_location(mod_name, path)

@@ -25,7 +25,13 @@ import copy
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "CURVATURES",
@@ -48,13 +54,56 @@ class ComponentSpec(BaseModel):
 
     Attributes:
         requires_curvature: the component cannot work without a curvature oracle.
+        supports_nan_padding: the component works under a run's ``nan_padding`` (the engine's
+            emulation of the original code's NaN padding of short batches); ``None`` (not
+            declared) takes the family's default (:attr:`Registry.supports_nan_padding`). A spec
+            whose answer depends on its fields overrides :meth:`nan_padding_unsupported`.
+        renamed_values: values renamed after runs were stored, ``{field: {new: old}}``: the
+            former spelling is accepted on input (and read as the new name), and the JSON form
+            (stored specs, and hence run identities, :func:`qlrlab.engine.specs.run_hash`) keeps
+            the former spelling, so that stored runs keep their hashes.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     requires_curvature: ClassVar[bool] = False
+    supports_nan_padding: ClassVar[bool | None] = None
+    renamed_values: ClassVar[dict[str, dict[Any, Any]]] = {}
 
     name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_former_values(cls, data: Any) -> Any:
+        """Read a renamed value's former spelling as its new name."""
+        if cls.renamed_values and isinstance(data, dict):
+            for field, renames in cls.renamed_values.items():
+                value = data.get(field)
+                for new, old in renames.items():
+                    if isinstance(value, str) and value == old:
+                        data = {**data, field: new}
+        return data
+
+    @model_serializer(mode="wrap", when_used="json")
+    def _keep_former_values(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Write a renamed value in its former spelling in the JSON form (stored specs)."""
+        data = handler(self)
+        if self.renamed_values and isinstance(data, dict):
+            for field, renames in self.renamed_values.items():
+                value = data.get(field)
+                if isinstance(value, str) and value in renames:
+                    data[field] = renames[value]
+        return data
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """Why this component cannot run under ``nan_padding`` (``None``: it can).
+
+        Args:
+            family: the component's family (``"direction"``, ``"curvature"``...), for the message.
+        """
+        if self.supports_nan_padding is False:
+            return f"{family} {self.name!r} has no NaN-padding emulation"
+        return None
 
     def build(self) -> Any:
         """Construct the component described by this spec."""
@@ -72,13 +121,16 @@ class Registry(Generic[S]):
         off: what switching the family off means (the value an ablation's ``minus:`` puts in
             its place, e.g. ``None`` for the curvature); leave unset for a family that cannot be
             switched off.
+        supports_nan_padding: whether a component of this family that does not declare
+            :attr:`ComponentSpec.supports_nan_padding` runs under ``nan_padding``.
 
     Attributes:
         can_switch_off: whether ``off`` was given.
     """
 
-    def __init__(self, family: str, *, off: Any = ...) -> None:
+    def __init__(self, family: str, *, off: Any = ..., supports_nan_padding: bool = True) -> None:
         self.family = family
+        self.supports_nan_padding = supports_nan_padding
         self._table: dict[str, type[S]] = {}
         self.can_switch_off = off is not ...
         self._off = off
@@ -138,6 +190,13 @@ class Registry(Generic[S]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
+    def nan_padding_unsupported(self, spec: ComponentSpec) -> str | None:
+        """Why the component ``spec`` of this family cannot run under ``nan_padding`` (``None``:
+        it can); an undeclared component takes the family's default."""
+        if type(spec).supports_nan_padding is None and not self.supports_nan_padding:
+            return f"{self.family} {spec.name!r} has no NaN-padding emulation"
+        return spec.nan_padding_unsupported(self.family)
+
     def validate(self, value: Any) -> S:
         """Turn a mapping (or a name, or a spec instance) into the registered spec instance.
 
@@ -168,7 +227,7 @@ class Registry(Generic[S]):
 
 DIRECTIONS: Registry[ComponentSpec] = Registry("direction")
 """Direction providers (:class:`qlrlab.interfaces.DirectionProvider`), by spec name."""
-CURVATURES: Registry[ComponentSpec] = Registry("curvature", off=None)
+CURVATURES: Registry[ComponentSpec] = Registry("curvature", off=None, supports_nan_padding=False)
 """Curvature oracles (:class:`qlrlab.interfaces.CurvatureOracle`), by spec name."""
 STEP_SIZES: Registry[ComponentSpec] = Registry("step_size")
 """Step-size rules (:class:`qlrlab.interfaces.StepSizeRule`), by spec name."""

@@ -244,3 +244,104 @@ def test_nan_padding_rejects_optimizers_it_cannot_emulate(optimizer, words):
         apply_overrides({**BASE, "optimizer": optimizer, "nan_padding": True}, [])
     for ok in ("adamqlr", "adamqlr_hessian", "adam"):
         RunSpec.model_validate({**BASE, "optimizer": ok, "nan_padding": True})
+
+
+def test_nan_padding_support_is_declared_by_the_components():
+    """The engine asks each component (its ``supports_nan_padding``, or its family's default when
+    it declares nothing) instead of keeping a table of component names."""
+    from typing import ClassVar, Literal
+
+    from qlrlab.curvature.ggn import GGNSpec
+    from qlrlab.directions.adam import AdamSpec
+    from qlrlab.registry import CURVATURES, DIRECTIONS
+
+    @DIRECTIONS.register("no_padding_adam")
+    class NoPaddingAdam(AdamSpec):
+        name: Literal["no_padding_adam"] = "no_padding_adam"  # type: ignore[assignment]
+        supports_nan_padding: ClassVar[bool] = False
+
+    @CURVATURES.register("undeclared_ggn")
+    class UndeclaredGGN(GGNSpec):
+        name: Literal["undeclared_ggn"] = "undeclared_ggn"  # type: ignore[assignment]
+        supports_nan_padding: ClassVar[bool | None] = None
+
+    @CURVATURES.register("declared_ggn")
+    class DeclaredGGN(GGNSpec):
+        name: Literal["declared_ggn"] = "declared_ggn"  # type: ignore[assignment]
+
+    try:
+        run = {**BASE, "nan_padding": True}
+        with pytest.raises(ValueError, match="nan_padding: direction 'no_padding_adam' has no NaN"):
+            RunSpec.model_validate(
+                {
+                    **run,
+                    "optimizer": {"preset": "adamqlr", "direction": {"name": "no_padding_adam"}},
+                }
+            )
+        # a curvature that declares nothing takes its family's default: not supported
+        with pytest.raises(ValueError, match="nan_padding: curvature 'undeclared_ggn' has no NaN"):
+            RunSpec.model_validate(
+                {**run, "optimizer": {"preset": "adamqlr", "curvature": {"name": "undeclared_ggn"}}}
+            )
+        # ... one that inherits GGN's declaration (and its back-end rule) is
+        RunSpec.model_validate(
+            {**run, "optimizer": {"preset": "adamqlr", "curvature": {"name": "declared_ggn"}}}
+        )
+        with pytest.raises(ValueError, match="curvlinops back-end"):
+            RunSpec.model_validate(
+                {
+                    **run,
+                    "optimizer": {
+                        "preset": "adamqlr",
+                        "curvature": {"name": "declared_ggn", "backend": "curvlinops"},
+                    },
+                }
+            )
+    finally:
+        DIRECTIONS.unregister("no_padding_adam")
+        CURVATURES.unregister("undeclared_ggn")
+        CURVATURES.unregister("declared_ggn")
+
+
+#: run hashes computed by the code before the GGN back-end ``own`` was renamed ``auto`` (and
+#: before the engine split): result folders named by them must keep their names
+STORED_HASHES = {
+    "adamqlr": ("adamqlr", "c5909be1dbc98359"),
+    "adamqlr, backend own": ({"preset": "adamqlr", "curvature.backend": "own"}, "c5909be1dbc98359"),
+    "adamqlr, backend auto": (
+        {"preset": "adamqlr", "curvature.backend": "auto"},
+        "c5909be1dbc98359",
+    ),
+    "adamqlr, backend fast": (
+        {"preset": "adamqlr", "curvature.backend": "fast"},
+        "4c8d1b9385dcc379",
+    ),
+    "adamqlr_hessian": ("adamqlr_hessian", "feeddb1420189a13"),
+    "adam": ("adam", "faa28a82f1cfce2f"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORED_HASHES))
+def test_stored_run_hashes_are_unchanged(case):
+    optimizer, stored = STORED_HASHES[case]
+    spec = RunSpec.model_validate({**BASE, "optimizer": optimizer})
+    assert run_hash(spec) == stored
+    # a stored spec.json reads back with the same hash
+    assert run_hash(RunSpec.model_validate(spec.model_dump(mode="json"))) == stored
+
+
+def test_ggn_backend_own_is_read_as_auto_and_stored_as_before():
+    from qlrlab import OptimizerSpec
+    from qlrlab.curvature.ggn import GGNSpec
+
+    assert GGNSpec().backend == "auto"
+    assert GGNSpec(backend="own").backend == "auto"
+    assert GGNSpec.model_validate({"backend": "own"}).model_dump()["backend"] == "auto"
+    # the JSON form (spec.json, run identities) keeps the former spelling
+    assert GGNSpec(backend="auto").model_dump(mode="json")["backend"] == "own"
+    assert GGNSpec(backend="fast").model_dump(mode="json")["backend"] == "fast"
+    opt = OptimizerSpec.model_validate({"direction": "adam", "curvature": {"name": "ggn"}})
+    assert opt.model_dump(mode="json")["curvature"] == {"name": "ggn", "backend": "own"}
+    assert OptimizerSpec.model_validate(opt.model_dump(mode="json")).curvature.backend == "auto"
+    with pytest.raises(ValueError, match="backend"):
+        GGNSpec(backend="mine")

@@ -542,7 +542,7 @@ class KroneckerFactorCapture:
         x = args[0]
         if not isinstance(x, Tensor):
             return
-        self._calls.setdefault(id(module), []).append(_Call(x.detach(), out, version(out)))
+        self._calls.setdefault(id(module), []).append(_Call(x.detach(), out, version(out)))  # type: ignore[arg-type]
 
     def _loss_hook(self, module: nn.Module, args: tuple[Any, ...], value: Any) -> None:
         if len(args) < 2 or not isinstance(args[0], Tensor) or not args[0].requires_grad:
@@ -579,7 +579,7 @@ class KroneckerFactorCapture:
                     for j in range(k)
                 ]
                 grads = tuple(
-                    None if per[0][i] is None else torch.stack([p[i] for p in per])
+                    None if per[0][i] is None else torch.stack([p[i] for p in per])  # type: ignore[misc]
                     for i in range(len(outs))
                 )
         for c, g in zip(calls, grads):
@@ -643,8 +643,8 @@ class KroneckerFactorCapture:
                         batch_size=self._batch_size,
                     )  # fmt: skip
                 else:
-                    n = lay.module.weight.shape[0]
-                    g = a.new_zeros(n, n)
+                    n = lay.module.weight.shape[0]  # type: ignore[index]
+                    g = a.new_zeros(n, n)  # type: ignore[arg-type]
                 out[li] = (a, g)
         self._calls = {}
         return out

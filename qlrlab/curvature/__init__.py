@@ -1,8 +1,9 @@
 """Curvature oracles: :math:`d^\\top C d` and :math:`Cv` for the current mini-batch.
 
 :math:`C` is the curvature of the *mean* mini-batch loss as the loss module computes it (see
-:mod:`qlrlab.losses` for the scaling conventions). Every oracle has a ``backend``: ``"own"`` (the
-library's fast path: forward-mode JVPs with closed-form output Hessians, double backward for the
+:mod:`qlrlab.losses` for the scaling conventions). Every oracle has a ``backend``: the library's
+own implementation (``"own"``; for the GGN ``"auto"``, formerly ``"own"``: the fast path when the
+model allows it, else forward-mode JVPs with closed-form output Hessians; double backward for the
 Hessian) or ``"curvlinops"`` (the reference implementation, rebuilt every step). Both agree to
 round-off (``tests/test_curvature.py``).
 """

@@ -62,7 +62,7 @@ class BoundOuterProduct(BoundCurvature):
 
     def _jvp(self, v: Sequence[Tensor]) -> Tensor:
         with torch.no_grad(), side_effect_free(self.problem.model):
-            z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))
+            z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))  # type: ignore[misc]
         if self._r is None:
             self._r, self._dims = self._factors_fn(z.detach())
         return u
@@ -101,5 +101,5 @@ class BoundOuterProduct(BoundCurvature):
         w = (self._r * self._ru(u)).sum(0)
         if self._vjp is None:
             with torch.enable_grad(), side_effect_free(self.problem.model):
-                _, self._vjp = torch.func.vjp(self._f, *self._params)
+                _, self._vjp = torch.func.vjp(self._f, *self._params)  # type: ignore[misc]
         return [t.detach() for t in self._vjp(w)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ class EmpiricalFisherSpec(ComponentSpec):
             (``EFLinearOperator``).
     """
 
+    supports_nan_padding: ClassVar[bool] = False
     name: Literal["empirical_fisher"] = "empirical_fisher"
     backend: Literal["own", "curvlinops"] = "own"
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,7 @@ class FisherMCSpec(ComponentSpec):
             (``FisherMCLinearOperator``).
     """
 
+    supports_nan_padding: ClassVar[bool] = False
     name: Literal["fisher_mc"] = "fisher_mc"
     mc_samples: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)

@@ -11,7 +11,7 @@ Losses without a closed form use a double-backward output-Hessian product.
 
 Back-ends (``GGNSpec.backend``):
 
-* ``"own"`` (default): the fast path (:mod:`qlrlab.backends.fastpath`: tangents from the
+* ``"auto"`` (default; formerly ``"own"``, still accepted): the fast path (:mod:`qlrlab.backends.fastpath`: tangents from the
   gradient pass's cached activations, and :math:`f(\theta-\alpha d)` with the first layer's
   output updated as :math:`z - \alpha u`) whenever every parametrised layer is supported and
   the recorded chain checks out, otherwise the general ``torch.func`` path;
@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -44,14 +44,25 @@ class GGNSpec(ComponentSpec):
     """Spec of the GGN / Fisher curvature oracle.
 
     Attributes:
-        backend: ``"own"`` (fast path when the model is supported, else forward-mode JVP; both
+        backend: ``"auto"`` (fast path when the model is supported, else forward-mode JVP; both
             with the closed-form output Hessian), ``"fast"`` (fast path or error), ``"jvp"``
             (general ``torch.func`` path) or ``"curvlinops"`` (``GGNLinearOperator``, rebuilt
-            each step; reference).
+            each step; reference). ``"own"``, the former name of ``"auto"``, is accepted and
+            read as ``"auto"``; the JSON form (stored specs, run identities) keeps spelling it
+            ``"own"`` (:attr:`~qlrlab.registry.ComponentSpec.renamed_values`), so stored runs
+            keep their hashes.
     """
 
+    supports_nan_padding: ClassVar[bool] = True
     name: Literal["ggn"] = "ggn"
-    backend: Literal["own", "fast", "jvp", "curvlinops"] = "own"
+    renamed_values: ClassVar[dict[str, dict[Any, Any]]] = {"backend": {"auto": "own"}}
+    backend: Literal["auto", "fast", "jvp", "curvlinops"] = "auto"
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """The curvlinops back-end has no NaN-padding emulation."""
+        if self.backend == "curvlinops":
+            return "the curvlinops back-end has no NaN-padding emulation"
+        return None
 
     def build(self) -> GGNOracle:
         """Build the oracle."""
@@ -86,7 +97,7 @@ class BoundGGN(BoundCurvature):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with torch.no_grad(), side_effect_free(self.problem.model), sdpa_kernel(SDPBackend.MATH):
-            z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))
+            z, u = torch.func.jvp(self._f, self._params, tuple(t.detach() for t in v))  # type: ignore[misc]
         self._z = z
         return z, u
 
@@ -114,8 +125,8 @@ class BoundGGN(BoundCurvature):
         hu = output_hvp(self.problem.loss_fn, z, self.problem.targets, u)
         if self._vjp is None:
             with torch.enable_grad(), side_effect_free(self.problem.model):
-                _, self._vjp = torch.func.vjp(self._f, *self._params)
-        return [t.detach() for t in self._vjp(hu)]
+                _, self._vjp = torch.func.vjp(self._f, *self._params)  # type: ignore[assignment, misc]
+        return [t.detach() for t in self._vjp(hu)]  # type: ignore[misc]
 
 
 class FastBoundGGN(BoundGGN):
@@ -198,7 +209,7 @@ class GGNOracle(CurvatureOracle):
 
             check_curvlinops_support(model, loss_fn)
         self._fast = False
-        if self.spec.backend in ("own", "fast"):
+        if self.spec.backend in ("auto", "fast"):
             self.fast_unsupported = _fastpath.fast_path_unsupported(model, params)
             if _is_compiled(model):
                 self.fast_unsupported = (
@@ -207,7 +218,7 @@ class GGNOracle(CurvatureOracle):
                 )
             if self.fast_unsupported is not None and self.spec.backend == "fast":
                 raise ValueError(
-                    f"curvature.backend: fast: {self.fast_unsupported}; use backend: own "
+                    f"curvature.backend: fast: {self.fast_unsupported}; use backend: auto "
                     f"(falls back to torch.func automatically) or jvp"
                 )
             self._fast = self.fast_unsupported is None
@@ -241,7 +252,7 @@ class GGNOracle(CurvatureOracle):
                 self.last_path, self.last_fallback = "fast", None
                 return FastBoundGGN(problem, chain)
             if self.spec.backend == "fast":
-                raise RuntimeError(f"curvature.backend: fast: {rec.failure}; use backend: own")
+                raise RuntimeError(f"curvature.backend: fast: {rec.failure}; use backend: auto")
         self.last_path = "jvp"
         if rec is not None:
             self.last_fallback = rec.failure

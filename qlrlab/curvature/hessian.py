@@ -9,7 +9,7 @@ indefinite, so :math:`d^\top H d + \lambda\|d\|^2` can be negative.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,15 @@ class HessianSpec(ComponentSpec):
         backend: ``"own"`` (double backward) or ``"curvlinops"`` (``HessianLinearOperator``).
     """
 
+    supports_nan_padding: ClassVar[bool] = True
     name: Literal["hessian"] = "hessian"
     backend: Literal["own", "curvlinops"] = "own"
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """The curvlinops back-end has no NaN-padding emulation."""
+        if self.backend == "curvlinops":
+            return "the curvlinops back-end has no NaN-padding emulation"
+        return None
 
     def build(self) -> HessianOracle:
         """Build the oracle."""

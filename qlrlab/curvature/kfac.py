@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -45,6 +45,7 @@ class KFACOracleSpec(ComponentSpec):
             layers other than ``Linear``/``Conv2d`` (curvlinops always rejects them).
     """
 
+    supports_nan_padding: ClassVar[bool] = False
     name: Literal["kfac"] = "kfac"
     fisher: Literal["type-2", "mc"] = "type-2"
     mc_samples: int = Field(1, ge=1)
@@ -111,7 +112,7 @@ class KFACOracle(CurvatureOracle):
                 fallback=s.fallback,
             )
             return
-        from qlrlab.curvature._curvlinops import check_curvlinops_support
+        from qlrlab.backends.curvlinops_adapter import check_curvlinops_support
 
         check_curvlinops_support(model, loss_fn)
         ids = {id(p) for p in params}
@@ -138,7 +139,7 @@ class KFACOracle(CurvatureOracle):
             return BoundKFAC(self.twin.collect(), len(problem.params))
         from curvlinops import KFACLinearOperator
 
-        from qlrlab.curvature._curvlinops import CurvlinopsBound
+        from qlrlab.backends.curvlinops_adapter import CurvlinopsBound
 
         kw: dict[str, Any] = {"fisher_type": s.fisher, "seed": seed}
         if s.fisher == "mc":

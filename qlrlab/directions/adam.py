@@ -163,7 +163,7 @@ class AdamDirection(DirectionProvider):
         if step_t is None or step_t.device != g0.device:
             step_t = self._step_t = torch.zeros((), dtype=torch.float32, device=g0.device)
         step_t.fill_(float(self.step))
-        _compat.fused_adam(
+        _compat.fused_adam(  # type: ignore[misc]
             d, grads, self.exp_avg, self.exp_avg_sq, [], [step_t] * len(d),
             amsgrad=False, lr=-1.0, beta1=s.beta1, beta2=s.beta2, weight_decay=0.0,
             eps=s.eps, maximize=False,

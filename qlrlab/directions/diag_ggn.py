@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -40,12 +40,17 @@ class DiagGGNSpec(ComponentSpec):
         converter: BackPACK's fx converter: ``"auto"``, ``"always"`` or ``"never"``.
     """
 
+    supports_nan_padding: ClassVar[bool] = False
     name: Literal["diag_ggn"] = "diag_ggn"
     exact: bool = True
     mc_samples: int = Field(1, ge=1)
     curvature_ema: float = Field(0.95, ge=0.0, lt=1.0)
     min_damping: float = Field(1e-8, ge=0.0)
     converter: Literal["auto", "always", "never"] = "auto"
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """BackPACK computes this direction's curvature with its own loss handling."""
+        return f"the {self.name!r} direction takes its curvature from BackPACK"
 
     def build(self) -> DiagGGNDirection:
         """Build the direction provider."""

@@ -62,7 +62,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -120,6 +120,7 @@ class KFACSpec(ComponentSpec):
             docstring).
     """
 
+    supports_nan_padding: ClassVar[bool] = False
     name: Literal["kfac"] = "kfac"
     backend: Literal["auto", "hooks", "backpack"] = "auto"
     fisher: Literal["mc", "type-2"] = "mc"
@@ -150,6 +151,10 @@ class KFACSpec(ComponentSpec):
                 "have a fixed convention); set backend: hooks"
             )
         return self
+
+    def nan_padding_unsupported(self, family: str) -> str | None:
+        """BackPACK computes this direction's curvature with its own loss handling."""
+        return f"the {self.name!r} direction takes its curvature from BackPACK"
 
     def build(self) -> KFACDirection:
         """Build the direction provider."""
@@ -448,12 +453,12 @@ class KFACDirection(DirectionProvider):
         has_w = lay.weight is not None and self.factors[lay.weight] is not None
         if lay.bias is not None and not lay.joint and self.factors[lay.bias] is not None:
             if s.damping_mode == "exact" or not has_w:
-                (g,) = self.factors[lay.bias]  # type: ignore[misc]
+                (g,) = self.factors[lay.bias]
                 self.inverses[lay.bias] = [damped_cholesky(g, lam)]
         if not has_w:
             return
         assert lay.weight is not None
-        g, a = self.factors[lay.weight]  # type: ignore[misc]
+        g, a = self.factors[lay.weight]
         if s.damping_mode == "exact":
             eg, qg = safe_eigh(g)
             ea, qa = safe_eigh(a)
@@ -483,12 +488,12 @@ class KFACDirection(DirectionProvider):
         out: list[Tensor] = []
         sep_bias = lay.bias is not None and not lay.joint and self.factors[lay.bias] is not None
         if sep_bias and (exact or not has_w):
-            (g,) = self.factors[lay.bias]  # type: ignore[misc]
+            (g,) = self.factors[lay.bias]
             self.inverses[lay.bias] = [torch.empty_like(g)]
-            out += self.inverses[lay.bias]  # type: ignore[arg-type]
+            out += self.inverses[lay.bias]
         if not has_w:
             return out
-        g, a = self.factors[lay.weight]  # type: ignore[misc]
+        g, a = self.factors[lay.weight]
         if exact:
             denom = g.new_empty(g.shape[0], a.shape[0])
             self.inverses[lay.weight] = [torch.empty_like(g), torch.empty_like(a), denom]
@@ -497,7 +502,7 @@ class KFACDirection(DirectionProvider):
             self.inverses[lay.weight] = [ginv, torch.empty_like(a)]
             if sep_bias:
                 self.inverses[lay.bias] = [ginv]  # shared, as in _invert_layer
-        return out + self.inverses[lay.weight]  # type: ignore[operator]
+        return out + self.inverses[lay.weight]
 
     def _apply(self, grads: list[Tensor]) -> list[Tensor]:
         assert self.twin is not None
@@ -507,7 +512,7 @@ class KFACDirection(DirectionProvider):
                 for i in lay.others:
                     if self.spec.fallback == "adam" and self.adam_v[i] is not None:
                         v_hat = self.adam_v[i] / (1.0 - self.spec.adam_beta2**self.adam_step)  # type: ignore[operator]
-                        d[i] = grads[i] / (v_hat.sqrt() + self.spec.adam_eps)
+                        d[i] = grads[i] / (v_hat.sqrt() + self.spec.adam_eps)  # type: ignore[union-attr]
                         continue
                     inv = self.inverses[i]
                     if inv is not None:

@@ -159,7 +159,7 @@ class TorchOptimSpec(ComponentSpec):
                 "step_size (e.g. step_size: {name: fixed, lr: 0.01}); remove options.lr"
             )
         try:
-            cls([torch.zeros(1, requires_grad=True)], lr=1.0, **_options(self.options))
+            cls([torch.zeros(1, requires_grad=True)], lr=1.0, **_options(self.options))  # type: ignore[call-arg]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"options: torch.optim {self.optimizer}: {exc}") from None
         return self
@@ -184,7 +184,7 @@ class TorchOptimDirection(DirectionProvider):
         """Make the private parameter copies and the wrapped optimiser."""
         cls = resolve_torch_optimizer(self.spec.optimizer)
         self.shadow = [p.detach().clone().requires_grad_(True) for p in params]
-        self.inner = cls(self.shadow, lr=1.0, **_options(self.spec.options))
+        self.inner = cls(self.shadow, lr=1.0, **_options(self.spec.options))  # type: ignore[call-arg]
 
     @torch.no_grad()
     def compute(self, grads: list[Tensor], ctx: StepContext) -> list[Tensor]:

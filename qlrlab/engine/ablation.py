@@ -259,7 +259,7 @@ def _stop_workers(pool: ProcessPoolExecutor, grace: float = 60.0) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         with contextlib.suppress(ProcessLookupError, TypeError):
-            os.kill(p.pid, signal.SIGTERM)  # type: ignore[arg-type]
+            os.kill(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -341,7 +341,7 @@ def ensure_ray(address: str | None) -> bool:
         return False
     try:
         ray.init(
-            address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+            address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING"  # type: ignore[arg-type]
         )
     except ConnectionError as exc:  # no cluster there, or its token is missing
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]

@@ -46,7 +46,7 @@ class TaskSpec(ComponentSpec):
     eval_subset: int | None = Field(default=None, gt=0)
     model_seed: int | None = None
 
-    def build(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Task:  # type: ignore[override]
+    def build(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Task:
         """Load the data onto ``device`` and build the model; returns a :class:`Task`."""
         raise NotImplementedError
 

@@ -219,8 +219,8 @@ class SVHNSpec(TaskSpec):
     ) -> SVHNTask:
         """Load (or download) the ``.mat`` files onto ``device`` and build the ResNet-18."""
         kw = {"download": self.download}
-        x, y = load_svhn_mat(ensure_file("svhn/train_32x32.mat", self.data_dir, **kw))
-        xt, yt = load_svhn_mat(ensure_file("svhn/test_32x32.mat", self.data_dir, **kw))
+        x, y = load_svhn_mat(ensure_file("svhn/train_32x32.mat", self.data_dir, **kw))  # type: ignore[arg-type]
+        xt, yt = load_svhn_mat(ensure_file("svhn/test_32x32.mat", self.data_dir, **kw))  # type: ignore[arg-type]
         task = _image_task(
             SVHNTask, self, torch.device(device), dtype, (x, y), (xt, yt), len(x) * 5 // 6,
             (0, 2, 3), lambda: ResNet18(10, 3, self.stem, self.init), 256, 10, 500,

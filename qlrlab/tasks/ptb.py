@@ -165,7 +165,7 @@ class PTBTask(Task):
         stream = self.streams[split]
         idx = offsets[:, None] + torch.arange(self.seq_len, device=offsets.device)  # [B, L]
         x, y = stream[idx], stream[idx + 1]
-        if self.spec.time_major_bug:
+        if self.spec.time_major_bug:  # type: ignore[attr-defined]
             x, y = x.T.contiguous(), y.T.contiguous()
         return x, y.reshape(-1)
 
@@ -186,15 +186,15 @@ class PTBTask(Task):
     ) -> dict[str, float]:
         """Per-token loss and next-token accuracy (``eval_mode`` "full" or random "window")."""
         n = len(self.streams[split])
-        if self.spec.eval_mode == "window":
+        if self.spec.eval_mode == "window":  # type: ignore[attr-defined]
             offsets = torch.randint(
-                0, n - self.seq_len, (self.spec.eval_batch,), generator=self._eval_generator
+                0, n - self.seq_len, (self.spec.eval_batch,), generator=self._eval_generator  # type: ignore[attr-defined]
             ).to(self.device)
             chunks = [offsets]
         else:
             n_windows = (n - 1) // self.seq_len
             starts = torch.arange(n_windows, device=self.device) * self.seq_len
-            chunks = list(starts.split(self.spec.eval_batch))
+            chunks = list(starts.split(self.spec.eval_batch))  # type: ignore[attr-defined]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         count = 0

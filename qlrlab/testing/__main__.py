@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"     {check}: {why}")
         failed += not result.ok
     if args.distributed:
-        for case, why in check_distributed(cases).items():
+        for case, why in check_distributed(cases).items():  # type: ignore[assignment]
             print(
                 f"{'PASS' if why is None else 'FAIL'} {case.id} distributed"
                 + (f": {why}" if why else "")

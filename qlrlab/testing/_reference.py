@@ -51,7 +51,7 @@ def bind(oracle: Any, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor
         loss = loss_fn(out, y)
         loss.backward()
     problem = Problem(
-        model=model, loss_fn=loss_fn, inputs=x, targets=y, params=params,
+        model=model, loss_fn=loss_fn, inputs=x, targets=y, params=params,  # type: ignore[arg-type]
         param_names=[n for n, _ in model.named_parameters()], outputs=out.detach(),
         loss=loss.detach(),
     )  # fmt: skip
