@@ -131,32 +131,65 @@ class StepContext:
     cache: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(init=False)
 class Proposal:
     """What a step-size rule proposes for one step.
 
     Either a scalar ``alpha`` applied as :math:`\\delta = -\\alpha d` (``update is None``), or an
     explicit ``update`` :math:`\\delta` (e.g. K-FAC's :math:`-\\alpha d + \\mu \\delta_{t-1}`).
     The optional scalars let the optimiser compute :math:`\\Delta M` without another curvature
-    product; anything left ``None`` is computed on demand.
+    product; anything left ``None`` is computed on demand. The scalars carry the names of the
+    :class:`StepInfo` fields they become (``grad_dot_direction``, ``curvature``); the earlier
+    names ``grad_dot`` and ``quad_form`` are accepted as keywords and readable as attributes.
 
     Attributes:
         alpha: the step size :math:`\\alpha` (0-d tensor).
         update: explicit update :math:`\\delta`, or ``None`` for :math:`-\\alpha d`.
-        grad_dot: :math:`g^\\top d` (or :math:`g^\\top\\delta` with an explicit update).
-        quad_form: :math:`d^\\top C d` (or :math:`\\delta^\\top C\\delta`), undamped.
+        grad_dot_direction: :math:`g^\\top d` (or :math:`g^\\top\\delta` with an explicit update).
+        curvature: :math:`d^\\top C d` (or :math:`\\delta^\\top C\\delta`), undamped.
         sq_norm: :math:`\\|d\\|^2` (or :math:`\\|\\delta\\|^2`).
         momentum: the momentum coefficient used, when the rule chose one.
         extras: anything else worth logging.
     """
 
     alpha: Tensor
-    update: list[Tensor] | None = None
-    grad_dot: Tensor | None = None
-    quad_form: Tensor | None = None
-    sq_norm: Tensor | None = None
-    momentum: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    update: list[Tensor] | None
+    grad_dot_direction: Tensor | None
+    curvature: Tensor | None
+    sq_norm: Tensor | None
+    momentum: Tensor | None
+    extras: dict[str, Any]
+
+    def __init__(
+        self,
+        alpha: Tensor,
+        update: list[Tensor] | None = None,
+        grad_dot_direction: Tensor | None = None,
+        curvature: Tensor | None = None,
+        sq_norm: Tensor | None = None,
+        momentum: Tensor | None = None,
+        extras: dict[str, Any] | None = None,
+        *,
+        grad_dot: Tensor | None = None,
+        quad_form: Tensor | None = None,
+    ) -> None:
+        self.alpha = alpha
+        self.update = update
+        self.grad_dot_direction = grad_dot_direction if grad_dot is None else grad_dot
+        self.curvature = curvature if quad_form is None else quad_form
+        self.sq_norm = sq_norm
+        self.momentum = momentum
+        self.extras = {} if extras is None else extras
+
+    @property
+    def grad_dot(self) -> Tensor | None:
+        """The earlier name of :attr:`grad_dot_direction`."""
+        return self.grad_dot_direction
+
+    @property
+    def quad_form(self) -> Tensor | None:
+        """The earlier name of :attr:`curvature` (:math:`d^\\top C d`)."""
+        return self.curvature
 
 
 class Component:

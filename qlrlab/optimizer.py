@@ -685,7 +685,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         keys = ("alpha", "direction_norm", "update_norm", "grad_dot_direction", "curvature",
                 "momentum", "proposed_alpha", "proposed_sq_norm")  # fmt: skip
         values = _floats([
-            alpha, direction_norm, update_norm, proposal.grad_dot, proposal.quad_form,
+            alpha, direction_norm, update_norm, proposal.grad_dot_direction, proposal.curvature,
             proposal.momentum, proposal.alpha, proposal.sq_norm,
         ])  # fmt: skip
         return _Update(delta, alpha, explicit, uniform, dict(zip(keys, values)))
@@ -696,7 +696,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         """:math:`\\Delta M` of the quadratic model the damping schedule's :math:`\\rho` uses,
         for the update actually taken (from the proposal's scalars where it has them)."""
         bound, grads = ctx.curvature, ctx.grads
-        if bound is None or (not required and proposal.quad_form is None):
+        if bound is None or (not required and proposal.curvature is None):
             return None
         sc = update.scalars
         if update.uniform:

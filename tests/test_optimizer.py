@@ -137,15 +137,19 @@ def test_nonfinite_loss_leaves_parameters_and_state_untouched_and_increases_damp
 
 
 def test_nonfinite_alpha_leaves_parameters_untouched() -> None:
-    """Zero curvature and zero damping give α = gᵀd/0: the step is refused and reported."""
+    """Zero curvature and zero damping give α = gᵀd/0: the step is refused and reported.
+    (At g = 0 the model is flat and α = 0: see test_a_stationary_point_is_a_zero_step_...)"""
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.zero_()
-    x = torch.zeros(4, 2)  # J = 0 => dᵀGd = 0, but the gradient is zero too => 0/0
+    # J = 1e-20: g ~ 1e-20 and Adam's d ~ g / eps ~ 1e-12, so gᵀd ~ 1e-32 > 0 while
+    # dᵀGd = (J d)² ~ 1e-64 underflows to 0 in float32 => gᵀd / 0 = inf
+    x = torch.full((4, 2), 1e-20)
     spec = qlrlab.presets.adamqlr_undamped()
     opt = qlrlab.build_optimizer(spec, model, HalfMSELoss())
     info = opt.step((x, torch.ones(4, 1)))
     assert info.status == "nonfinite_alpha"
+    assert info.grad_dot_direction != 0.0 and info.curvature == 0.0
     assert torch.equal(model.weight, torch.zeros(1, 2))
 
 
@@ -342,3 +346,17 @@ def test_a_stationary_point_is_a_zero_step_not_a_divergence(preset):
         info = opt.step(batch)
         assert info.status == "ok" and info.alpha == 0.0 and info.loss == 0.0
     assert float(task.model.x) == 1.0 and float(task.model.y) == 1.0
+
+
+def test_proposal_scalars_carry_the_step_info_names_and_the_old_ones_still_work():
+    """One name per quantity: a Proposal's g'd and d'Cd are ``grad_dot_direction`` and
+    ``curvature``, as in StepInfo; rules written with ``grad_dot=``/``quad_form=`` keep working."""
+    from qlrlab.interfaces import Proposal
+
+    a, g, q = torch.tensor(0.5), torch.tensor(-2.0), torch.tensor(3.0)
+    new = Proposal(alpha=a, grad_dot_direction=g, curvature=q)
+    old = Proposal(alpha=a, grad_dot=g, quad_form=q)
+    for p in (new, old):
+        assert p.grad_dot_direction is g and p.curvature is q
+        assert p.grad_dot is g and p.quad_form is q  # the earlier names, read-only aliases
+        assert p.update is None and p.extras == {}

@@ -43,16 +43,17 @@ def test_rejected_step_restores_the_curvature_bind_counter() -> None:
 
 
 def test_refused_step_restores_direction_and_curvature_state() -> None:
-    """A non-finite α (0/0) refuses the step after the direction and curvature ran; without an
-    accept/reject schedule their state used to keep the refused step's changes."""
+    """A non-finite α (gᵀd / 0) refuses the step after the direction and curvature ran; without
+    an accept/reject schedule their state used to keep the refused step's changes."""
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.zero_()
-    x = torch.zeros(4, 2)  # zero Jacobian and zero gradient: alpha = 0 / 0
+    # J = 1e-20: gᵀd ~ 1e-32 while dᵀCd ~ 1e-64 underflows to 0 in float32: alpha = inf
+    x = torch.full((4, 2), 1e-20)
     opt = qlrlab.build_optimizer(
         _fisher_spec({"name": "constant", "value": 0.0}), model, HalfMSELoss()
     )
-    info = opt.step((x, torch.zeros(4, 1)))
+    info = opt.step((x, torch.ones(4, 1)))
     assert info.status == "nonfinite_alpha"
     assert opt.direction.step == 0
     assert opt.curvature.count == 0

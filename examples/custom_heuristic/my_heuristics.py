@@ -86,8 +86,8 @@ class CappedQuadratic(StepSizeRule):
         alpha = alpha.sign() * alpha.abs().minimum(cap)
         return Proposal(
             alpha=alpha.detach(),
-            grad_dot=grad_dot,  # g^T d, d^T C d and ||d||^2 let the optimiser compute the
-            quad_form=quad,  # predicted change (and rho) without another curvature product
+            grad_dot_direction=grad_dot,  # g^T d, d^T C d and ||d||^2 let the optimiser compute the
+            curvature=quad,  # predicted change (and rho) without another curvature product
             sq_norm=sq_norm,
             extras={"capped": bool(alpha.abs() >= cap)},
         )

@@ -68,7 +68,7 @@ class BacktrackingStepSize(StepSizeRule):
         gd = dot(ctx.grads, d)
         ref = d[0]
         if not float(gd) > 0.0:
-            return Proposal(alpha=torch.zeros((), dtype=ref.dtype, device=ref.device), grad_dot=gd)
+            return Proposal(alpha=torch.zeros((), dtype=ref.dtype, device=ref.device), grad_dot_direction=gd)
         f0 = float(pr.loss) if pr.loss is not None else float("nan")
         alpha = s.initial if self.last is None else min(s.max_lr, s.grow * self.last)
         base = [p.detach() for p in pr.params]
@@ -84,7 +84,7 @@ class BacktrackingStepSize(StepSizeRule):
         self.last = alpha
         return Proposal(
             alpha=torch.tensor(alpha, dtype=ref.dtype, device=ref.device),
-            grad_dot=gd,
+            grad_dot_direction=gd,
             extras={"trials": trial + 1},
         )
 

@@ -92,8 +92,8 @@ class KFACAdaptiveStepSize(StepSizeRule):
         return Proposal(
             alpha=alpha.detach(),
             update=[u.detach() for u in update],
-            grad_dot=grad_dot.detach(),
-            quad_form=quad.detach(),
+            grad_dot_direction=grad_dot.detach(),
+            curvature=quad.detach(),
             sq_norm=sq.detach(),
             momentum=mu.detach(),
         )

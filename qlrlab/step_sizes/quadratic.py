@@ -73,4 +73,4 @@ class QuadraticStepSize(StepSizeRule):
             alpha = alpha.clamp(-self.spec.clip, self.spec.clip)
         if self.spec.amplification != 1.0:  # (x * 1.0 == x exactly: skip the op)
             alpha = alpha * self.spec.amplification
-        return Proposal(alpha=alpha.detach(), grad_dot=gd, quad_form=q, sq_norm=dd)
+        return Proposal(alpha=alpha.detach(), grad_dot_direction=gd, curvature=q, sq_norm=dd)
