@@ -4,8 +4,8 @@ r"""K-FAC curvature as an oracle, so the quadratic model itself can use :math:`\
 (weights ``V_l`` reshaped to ``[out, in']``). Back-ends:
 
 * ``curvlinops`` (reference, default): ``KFACLinearOperator`` **rebuilt for every bound batch**
-  (its cached factors go stale and a second factor computation accumulates,
-  ``notes/curvature-backends.md`` §1.3), ``check_deterministic=False``; MC factors use the seed
+  (its cached factors go stale and a second factor computation accumulates; measured on
+  curvlinops with torch 2.13, tests/test_kfac_backends.py), ``check_deterministic=False``; MC factors use the seed
   ``seed + k`` for the :math:`k`-th batch. Conv layers follow curvlinops' KFAC-expand.
 * ``backpack``: one extra BackPACK pass (``KFLR``/``KFAC``) on a twin sharing the Parameters
   (:mod:`qlrlab.directions._backpack`), no gradient written; conv input factors divided by the

@@ -2,7 +2,7 @@ r"""Shared BackPACK machinery for the ``kfac`` and ``diag_ggn`` directions and t
 
 BackPACK (Dangel et al., 2020) computes Kronecker factors and GGN diagonals during the gradient
 pass, but an extended module breaks ``torch.func`` (its full backward hooks are
-``autograd.Function``\ s without ``setup_context``; ``notes/curvature-backends.md`` §2.4). So the
+``autograd.Function``\ s without ``setup_context``, so ``torch.func`` cannot transform them). So the
 user's model is never extended. :class:`BackpackTwin` builds a **twin** instead:
 
 * ``copy.deepcopy(model)`` with every Parameter and buffer mapped to *itself* in the memo, so the twin

@@ -14,7 +14,7 @@ of the loss Hessian, ``fisher: type-2``) — on a twin of the model that shares 
 (:mod:`qlrlab.directions._backpack`). Conventions match curvlinops ``KFACLinearOperator``
 (separate weight and bias, curvature of the loss *as computed*); for ``Conv2d`` BackPACK's input
 factor is divided by the number of output locations :math:`T` (BackPACK's :math:`A` is
-:math:`T\times` curvlinops' KFAC-expand one, ``notes/curvature-backends.md`` §2.2), and :math:`G`
+:math:`T\times` curvlinops' KFAC-expand one; tests/test_kfac_backends.py checks both), and :math:`G`
 is the exact bias GGN (reduce-style).
 
 Per step :math:`t` the factors are averaged, :math:`F_t = \epsilon F_{t-1} + (1-\epsilon)\hat F_t`
