@@ -156,3 +156,15 @@ def test_report_captions_tables_and_tidy_metrics(tmp_path, capsys, one_thread):
     assert main(["report", str(out), "--variants", "qlr", "sgd"]) == 2
     err = capsys.readouterr().err
     assert "--variants" in err and "'sgd'" in err and "Traceback" not in err
+
+
+def test_every_group_of_a_large_suite_is_drawn_distinctly():
+    """The paper's Fashion-MNIST suite has 13 variants: with matplotlib's 10-colour cycle two
+    of them were drawn alike (same colour, same line)."""
+    groups = [(f"v{i}", [_frame(np.full(10, 0.5))]) for i in range(13)]
+    _fig, axes = _new_figure(1)
+    _plot_groups(axes[0][0], groups, "step", "loss", scale="log")
+    lines = [ln for ln in axes[0][0].lines if ln.get_label().startswith("v")]
+    assert len(lines) == 13
+    looks = {(str(ln.get_color()), ln.get_linestyle()) for ln in lines}
+    assert len(looks) == 13

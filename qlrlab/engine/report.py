@@ -326,6 +326,16 @@ def _curve(df: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     return sub[x].to_numpy(float), sub[y].to_numpy(float)
 
 
+def _group_styles(n: int) -> list[tuple[Any, str]]:
+    """One (colour, line style) per group, all distinct: matplotlib's ten default colours, then
+    the same colours dashed, then dotted (a suite of 13 variants must not draw two alike)."""
+    from matplotlib import rcParams
+
+    colours = rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    dashes = ["-", "--", ":", "-."]
+    return [(colours[i % len(colours)], dashes[(i // len(colours)) % len(dashes)]) for i in range(n)]
+
+
 def _plot_groups(
     ax: Any,
     groups: list[tuple[str, list[pd.DataFrame]]],
@@ -352,7 +362,8 @@ def _plot_groups(
         "bands": {},
     }
     everything = [c for _, fr in groups for f in fr for c in _curve(f, x, y)[1]]
-    for label, frames in groups:
+    styles = _group_styles(len(groups))
+    for (label, frames), (color, dash) in zip(groups, styles):
         curves = [_curve(f, x, y) for f in frames]
         if scale == "log":
             curves = [(cx[cy > 0], np.log(cy[cy > 0])) for cx, cy in curves]
@@ -365,7 +376,9 @@ def _plot_groups(
         if scale == "log":
             med, lower, upper = np.exp(med), np.exp(lower), np.exp(upper)
         info["bands"][label] = (grid, med, lower, upper)
-        (line,) = ax.plot(grid, med, label=f"{label} (n={len(frames)})", lw=1.3)
+        (line,) = ax.plot(
+            grid, med, label=f"{label} (n={len(frames)})", lw=1.3, color=color, ls=dash
+        )
         ax.fill_between(grid, lower, upper, color=line.get_color(), alpha=0.25, lw=0)
         if scale == "symlog":
             for cx, cy in curves:
