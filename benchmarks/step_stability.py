@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=12)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--flush-denormal", choices=["off", "on", "both"], default="off")
+    ap.add_argument(
+        "--pin", action="store_true", help="pin each process to one CPU, alternating (taskset)"
+    )
     a = ap.parse_args()
     modes = {"off": ["0"], "on": ["1"], "both": ["0", "1"]}[a.flush_denormal]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -81,8 +84,10 @@ def main() -> None:
         for mode in modes:  # interleaved
             b0, s0, t0 = _stat()
             w0 = time.perf_counter()
+            cpu = (i * len(modes) + modes.index(mode)) % ncpu
+            pin = ["taskset", "-c", str(cpu)] if a.pin else []
             out = subprocess.run(
-                [sys.executable, "-c", CHILD, str(a.steps), mode],
+                [*pin, sys.executable, "-c", CHILD, str(a.steps), mode],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -92,18 +97,28 @@ def main() -> None:
             b1, s1, t1 = _stat()
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["flush_denormal"] = mode == "1"
+            r["cpu"] = cpu if a.pin else None
             r["steal_pct"] = 100.0 * (s1 - s0) / max(t1 - t0, 1)
             # busy CPU-seconds of everything else (the child's own CPU time taken out)
             r["other_cpu_s"] = max((b1 - b0) / hz - r["cpu_s"], 0.0)
             r["wall_s"] = wall
             rows.append(r)
             print(
-                f"run {i:2d} denormal-flush={'on ' if r['flush_denormal'] else 'off'} "
+                f"run {i:2d} cpu {r['cpu'] if a.pin else '-'} "
+                f"denormal-flush={'on ' if r['flush_denormal'] else 'off'} "
                 f"step {r['median_ms']:.3f} ms (halves {r['first_half_ms']:.3f}/"
                 f"{r['second_half_ms']:.3f})  steal {r['steal_pct']:.1f}%  other CPU "
                 f"{r['other_cpu_s']:.1f} s of {wall * ncpu:.0f}  rss {r['rss_mb']:.0f} MB",
                 flush=True,
             )
+    if a.pin:
+        for cpu in range(ncpu):
+            ms = [r["median_ms"] for r in rows if r["cpu"] == cpu]
+            if ms:
+                print(
+                    f"cpu {cpu}: median {statistics.median(ms):.3f} ms, min {min(ms):.3f}, "
+                    f"max {max(ms):.3f} over {len(ms)} processes"
+                )
     for mode in modes:
         ms = [r["median_ms"] for r in rows if r["flush_denormal"] == (mode == "1")]
         print(

@@ -163,10 +163,29 @@ class _ObserverHook:
         self.observer._on_model(module, args, kwargs)
 
 
+#: set while the optimiser runs a caller's closure: the model is called by the caller's code,
+#: so the fast path's recorder must watch it through hooks, not run it itself
+_CALLER_FORWARD = [False]
+
+
+@contextlib.contextmanager
+def caller_forward() -> Iterator[None]:
+    """Mark the span in which the caller's code (a closure) runs the model's forward."""
+    old = _CALLER_FORWARD[0]
+    _CALLER_FORWARD[0] = True
+    try:
+        yield
+    finally:
+        _CALLER_FORWARD[0] = old
+
+
 def only_observer_hooks(hooks: Mapping[Any, Any]) -> bool:
-    """Whether every hook in a module's hook dict is a qlrlab observing hook (or there is none):
-    such hooks record nothing inside an optimiser's passes."""
-    return all(isinstance(h, _ObserverHook) for h in hooks.values())
+    """Whether a module's forward pre-hooks can be left out of a forward the optimiser runs
+    itself: none, or only qlrlab observing hooks (they record nothing inside an optimiser's
+    passes) while no caller's forward is being observed (:func:`caller_forward`)."""
+    if not hooks:
+        return True
+    return not _CALLER_FORWARD[0] and all(isinstance(h, _ObserverHook) for h in hooks.values())
 
 
 class BatchObserver:

@@ -42,6 +42,7 @@ from qlrlab._observe import (
     ObservationError,
     SelectOutput,
     call_model,
+    caller_forward,
     optimizer_passes,
 )
 from qlrlab._passes import autocast_off, side_effect_free
@@ -526,7 +527,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             self._observer.clear()
             self._observer.attach()
             try:
-                with torch.enable_grad(), contextlib.ExitStack() as stack:
+                with torch.enable_grad(), caller_forward(), contextlib.ExitStack() as stack:
                     if self._net is self.model and self._micro_batches == 1:
                         # optional passes (the GGN fast path's recorder) can watch the
                         # closure's forward: the observer's pre-hook makes them use hooks

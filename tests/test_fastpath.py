@@ -547,3 +547,24 @@ def test_a_copied_model_is_a_new_model_to_every_optimiser(tmp_path):
         a, b = ref.step((x, y)), twin.step((x, y))
         assert twin.curvature.last_path == ref.curvature.last_path == "fast"
         assert a.alpha == b.alpha
+
+
+def test_step_closure_records_the_callers_forward_for_the_fast_path():
+    """In ``opt.step(closure)`` the caller's code runs the model: the recorder must watch it
+    through hooks (a regression made it run the hook-free chain runner, which the closure never
+    calls, so every closure step fell back to torch.func: 3.2x Adam instead of 1.7x)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = build_optimizer("adamqlr", model, loss_fn)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        assert opt.step(closure).status == "ok"
+        assert opt.curvature.last_path == "fast", opt.curvature.last_fallback
