@@ -550,13 +550,12 @@ def build_report(
         name: the report's folder under ``out_dir`` (``report``; another name keeps a subset's
             report beside the full one).
 
-    Raises:
-        ValueError: a name in ``variants`` matches no run (the message lists the variants).
-
     Returns:
         ``{"dir", "table_md", "table_csv", "table_tex", "runs_csv", "plots": [...], "table"}``.
 
+    Raises:
         FileNotFoundError: ``out_dir`` has no ``index.json``.
+        ValueError: a name in ``variants`` matches no run (the message lists the variants).
     """
     store = RunStore(out_dir)
     if not store.index_path.exists():
