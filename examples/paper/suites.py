@@ -48,6 +48,11 @@ def display_name(task: str, label: str) -> str:
     return RENAME.get(task, {}).get(label, label)
 
 
+def _items(best: dict[str, Any]) -> str:
+    """A study's best ``overrides`` as YAML flow-mapping items (``k: v, ...``)."""
+    return ", ".join(f"{k}: {_value(v)}" for k, v in best["overrides"].items())
+
+
 def _value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -59,9 +64,7 @@ def _variant(
     if best is None:
         name = name.replace(" (Tuned)", "").replace(", Tuned", "") + " (defaults, not tuned)"
         return name, f"  {name}: {{optimizer: {preset}}}   # no study result: preset defaults"
-    items = [f"optimizer: {preset}"]
-    items += [f"{k}: {_value(v)}" for k, v in best["overrides"].items()]
-    body = "{" + ", ".join(items) + "}"
+    body = f"{{optimizer: {preset}, {_items(best)}}}"
     comment = (
         f"# tuned: {study} ({best['n_trials']} trials; best last {best['metric']} "
         f"{best['value']:.4g})"
@@ -83,7 +86,7 @@ def write_suite(task: str, tuned: dict[str, dict[str, Any] | None], scale: dict[
         lines.append(f"  {label}: {body}")
     qlr = tuned.get("AdamQLR (Tuned)")
     if task == "fashion_mnist" and qlr is not None:  # the curvature ablation (paper §4.2)
-        items = ", ".join(f"{k}: {_value(v)}" for k, v in qlr["overrides"].items())
+        items = _items(qlr)
         lines.append(
             f"  AdamQLR (Hessian): {{optimizer: adamqlr_hessian, {items}}}\n"
             "    # the curvature ablation: AdamQLR (Tuned)'s hyperparameters, exact Hessian"
@@ -139,7 +142,7 @@ def _qlr_items(best: dict[str, Any] | None) -> tuple[str, str]:
     """AdamQLR (Tuned)'s overrides as flow-mapping items, and where they come from."""
     if best is None:
         return "batch_size: 50", "AdamQLR's untuned defaults (no study result)"
-    items = ", ".join(f"{k}: {_value(v)}" for k, v in best["overrides"].items())
+    items = _items(best)
     return items, "examples/paper/tuning/fashion_mnist/adamqlr_tuned.yaml"
 
 
@@ -193,7 +196,7 @@ def write_beyond(tuned: dict[str, dict[str, Any] | None]) -> Path:
         b = tuned.get(label)
         if b is None:
             return f"  {label} (defaults, not tuned): {{optimizer: {preset}}}"
-        items = ", ".join(f"{k}: {_value(v)}" for k, v in b["overrides"].items())
+        items = _items(b)
         return f"  {label}: {{optimizer: {preset}, {items}}}   # tuned, as in fashion_mnist.yaml"
 
     text = f"""\
