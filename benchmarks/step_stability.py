@@ -12,9 +12,15 @@ what could explain a difference between processes:
   (denormal floats in Adam's moments are a classic cause of slow steps);
 * ``rss``: the process's resident memory (allocator behaviour).
 
+With ``--ablation`` it instead runs what the issue ran: ``qlrlab ablate`` with 2 worker
+processes over ``--runs`` seeds of that training, once with the workers pinned to CPUs of their
+own (``pin_cpus: true``, the default) and once unpinned, interleaved ``--rounds`` times, and
+prints every run's training time per step (``train_time / steps`` of its summary).
+
 Usage::
 
     python benchmarks/step_stability.py [--runs 12] [--steps 3000] [--flush-denormal both]
+    python benchmarks/step_stability.py --ablation [--runs 8] [--steps 3000] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -66,6 +72,56 @@ def _stat() -> tuple[int, int, int]:
     return user + nice + system + irq + softirq, steal, sum(f[:8])
 
 
+ABLATION = """
+name: step_stability
+workers: 2
+threads_per_worker: 1
+pin_cpus: {pin}
+base:
+  task: {{name: fashion_mnist, download: false}}
+  optimizer: adam
+  batch_size: 50
+  budget: {{steps: {steps}}}
+  eval: {{at_start: false, at_end: false}}
+repeats: {runs}
+"""
+
+
+def ablation(runs: int, steps: int, rounds: int) -> None:
+    """Pinned against unpinned ablation workers (see the module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    per: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for pin in (True, False):
+                spec = Path(tmp) / f"{pin}-{r}.yaml"
+                spec.write_text(ABLATION.format(pin=str(pin).lower(), steps=steps, runs=runs))
+                out = Path(tmp) / f"out-{pin}-{r}"
+                subprocess.run(
+                    [sys.executable, "-m", "qlrlab", "ablate", str(spec), "--out", str(out),
+                     "--quiet", "--no-report"],
+                    check=True,
+                    capture_output=True,
+                )
+                ms = []
+                for f in sorted(out.glob("runs/*/summary.json")):
+                    summary = json.loads(f.read_text())
+                    ms.append(1e3 * summary["train_time"] / summary["steps"])
+                per[pin] += ms
+                print(
+                    f"round {r} pin_cpus={str(pin).lower():5s} ms/step: "
+                    + " ".join(f"{m:.3f}" for m in ms),
+                    flush=True,
+                )
+    for pin, ms in per.items():
+        print(
+            f"pin_cpus={str(pin).lower():5s}: median {statistics.median(ms):.3f} ms, min "
+            f"{min(ms):.3f}, max {max(ms):.3f}, max/min {max(ms) / min(ms):.2f} over {len(ms)} runs"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=12)
@@ -74,7 +130,12 @@ def main() -> None:
     ap.add_argument(
         "--pin", action="store_true", help="pin each process to one CPU, alternating (taskset)"
     )
+    ap.add_argument("--ablation", action="store_true", help="pinned vs unpinned ablation workers")
+    ap.add_argument("--rounds", type=int, default=2, help="with --ablation: interleaved rounds")
     a = ap.parse_args()
+    if a.ablation:
+        ablation(a.runs, a.steps, a.rounds)
+        return
     modes = {"off": ["0"], "on": ["1"], "both": ["0", "1"]}[a.flush_denormal]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     hz = os.sysconf("SC_CLK_TCK")

@@ -439,41 +439,6 @@ def test_small_linear_head_runs_class_major_with_the_same_values(monkeypatch) ->
     )
 
 
-@pytest.mark.parametrize(
-    "hidden, act, expect_cm",
-    [
-        (50, nn.ReLU, True),  # the Fashion-MNIST MLP's shape, scaled down
-        (48, nn.ReLU, False),  # a multiple of 16 outputs: row-major is as fast
-        (50, nn.Tanh, False),  # only ReLUs (mask from the cached output) may follow
-    ],
-)
-def test_first_layer_runs_class_major_with_the_same_values(
-    monkeypatch, hidden: int, act: type, expect_cm: bool
-) -> None:
-    """A wide first Linear layer computes its tangent class-major (its cached output switched to
-    a class-major copy); tangents, quadratic forms and the shifted loss equal the row-major
-    ones and the general path's, also after an earlier tangent pass of another vector."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(300, hidden), act(), nn.Linear(hidden, 7)).to(DT)
-    x, y = torch.randn(256, 300, dtype=DT), torch.randint(0, 7, (256,))
-
-    def earlier_tangent(setting, fast, gen) -> None:
-        cm = expect_cm and setting["CLASS_MAJOR_FIRST_MIN_IN"] == 256
-        assert (fast.fast._cm_first == 0) == cm
-        torch.manual_seed(2)
-        w = [torch.randn_like(p) for p in model.parameters()]
-        torch.testing.assert_close(fast.jvp(w)[1], gen.jvp(w)[1], rtol=1e-12, atol=1e-12)
-        if cm:
-            cached = fast.fast.chain[0].y
-            assert cached is not None and cached.stride() == (1, 256)  # class-major copy
-            assert fast.fast.chain[1].x is cached
-
-    settings = [{"CLASS_MAJOR_FIRST_MIN_IN": 256}, {"CLASS_MAJOR_FIRST_MIN_IN": 10**9}]
-    _same_results_under_settings(
-        monkeypatch, model, nn.CrossEntropyLoss(), x, y, settings, before=earlier_tangent
-    )
-
-
 @pytest.mark.parametrize("case", ["relu_from_x", "bool_mask", "frozen_head_weight", "no_bias"])
 def test_blocked_relu_and_head_match_the_one_pass_tangent(monkeypatch, case: str) -> None:
     """A ReLU followed by a class-major head runs in blocks of rows (with a remainder block);

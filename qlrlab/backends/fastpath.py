@@ -31,9 +31,8 @@ computes its tangent and shifted output *class-major*, :math:`(W u^\top)^\top`, 
 transposed view: BLAS is several times faster at producing a ``(10, 3200)`` result than a
 ``(3200, 10)`` one, and the loss's class reductions then run across the batch
 (:mod:`qlrlab.losses`). Values are the same up to round-off; every later operation accepts the view.
-On the CPU a wide first layer followed by ReLUs and another ``Linear`` layer does the same when
-BLAS favours it (see :data:`CLASS_MAJOR_FIRST_MIN_IN`), and switches its cached output to a
-class-major copy so that the elementwise passes read both operands in the same order. A ReLU
+Wider layers stay row-major: the transposed copy of a cached output that a class-major hidden
+layer would need costs more than BLAS saves on the product. A ReLU
 followed by a class-major head runs in blocks of rows on the CPU (see :data:`MASKED_HEAD_BLOCK`),
 so that each block of the masked tangent is multiplied while it is still in cache.
 
@@ -62,7 +61,6 @@ from qlrlab._compat import global_module_hooks, plain_module_call, version, writ
 from qlrlab._observe import only_observer_hooks
 
 __all__ = [
-    "CLASS_MAJOR_FIRST_MIN_IN",
     "CLASS_MAJOR_MAX_OUT",
     "MASKED_HEAD_BLOCK",
     "ChainRecorder",
@@ -74,16 +72,6 @@ __all__ = [
 _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 #: a Linear layer with at most this many outputs computes tangents and shifted outputs class-major
 CLASS_MAJOR_MAX_OUT = 16
-#: on the CPU the first optimised Linear layer computes its tangent class-major,
-#: :math:`(dW\,x^\top)^\top`, when it has at least this many inputs, a number of outputs that is
-#: not a multiple of 16 (and more than :data:`CLASS_MAJOR_MAX_OUT`), and is followed by ReLUs and
-#: another Linear layer. Measured with MKL on one thread at batch 3200 and 784 inputs, BLAS
-#: makes a ``(50, 3200)`` product 0.52 ms (14 %) faster than the ``(3200, 50)`` one, and a
-#: ``(100, 3200)`` one 0.63 ms faster, while for 32, 64, 128 or 256 outputs the two layouts cost
-#: within 0.04 ms (0.4 ms of 14 at 256) of each other; the transposed copy of the layer's output
-#: that the class-major tangent needs costs 0.09 ms at 50 outputs. With few inputs the product
-#: is too cheap for the copy to pay.
-CLASS_MAJOR_FIRST_MIN_IN = 256
 #: on the CPU a ReLU's tangent and the class-major head after it run in blocks of rows holding
 #: about this many hidden activations each (256 rows of a 256-wide layer: three 256 KiB operands
 #: that stay in cache between the mask and the product)
@@ -491,63 +479,6 @@ class ChainTangents:
             bi = -1 if b is None else index.get(id(b), -1)
             plan.append((li, r, m, r.kind, wi, bi))
         self._plan = plan
-        self._cm_first, self._cm_refs = self._plan_class_major_first()
-
-    def _plan_class_major_first(self) -> tuple[int, list[tuple[Record, str]]]:
-        """Whether the first optimised layer computes its tangent class-major (see
-        :data:`CLASS_MAJOR_FIRST_MIN_IN`): its index (-1: no) and the cached tensors that hold
-        its output (switched to a class-major copy of it in the tangent pass)."""
-        first = next((i for i, p in enumerate(self._plan) if p[4] >= 0 or p[5] >= 0), -1)
-        if first < 0 or first + 2 >= len(self.chain):
-            return -1, []
-        _, r, m, kind, wi, _ = self._plan[first]
-        x, y = r.x, r.y
-        if (
-            kind != "linear"
-            or wi < 0
-            or not r.shift
-            or x is None
-            or y is None
-            or x.ndim != 2
-            or y.ndim != 2
-            or not y.is_contiguous()
-            or x.device.type != "cpu"
-            or m.out_features <= CLASS_MAJOR_MAX_OUT
-            or m.out_features % 16 == 0
-            or m.in_features < CLASS_MAJOR_FIRST_MIN_IN
-            or x.shape[0] <= 4 * m.out_features
-            or any(p[3] != "free" and p[3] is not None for p in self._plan[:first])
-        ):
-            return -1, []
-        refs: list[tuple[Record, str]] = [(r, "y")]
-        for _, rr, mm, k, _, _ in self._plan[first + 1 :]:
-            if k == "linear":
-                return first, refs
-            if k != "free":
-                break
-            if isinstance(mm, nn.ReLU) and rr.relu_from_x:
-                xx = rr.x
-                if xx is None or xx.data_ptr() != y.data_ptr() or xx.stride() != y.stride():
-                    break
-                refs.append((rr, "x"))
-            elif not (
-                isinstance(mm, (nn.Identity, nn.modules.dropout._DropoutNd))
-                and rr.x_shape == rr.y_shape == y.shape
-            ):
-                break
-        return -1, []
-
-    def _first_to_class_major(self) -> None:
-        """Replace the first layer's cached output by a class-major copy (a transposed view of a
-        contiguous ``(out, N)`` tensor; the row-major one is freed), so that the elementwise
-        work on the class-major tangent reads both operands in the same order."""
-        y = self._cm_refs[0][0].y
-        assert y is not None
-        if not y.is_contiguous():
-            return  # done already (a second tangent of the same batch)
-        ycm = y.t().contiguous().t()
-        for rec, attr in self._cm_refs:
-            setattr(rec, attr, ycm)
 
     def tangent(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Outputs :math:`z` and :math:`u = Jv` from the cached activations."""
@@ -579,11 +510,7 @@ class ChainTangents:
             if u is None and dw is None and db is None:
                 continue
             fresh = u is None
-            if li == self._cm_first:
-                self._first_to_class_major()
-                u = _class_major_tangent(m, r.x, None, dw, db)
-            else:
-                u = self._param_tangent(kind, m, r, r.x, u, dw, db)
+            u = self._param_tangent(kind, m, r, r.x, u, dw, db)
             owned = True
             if fresh and first is None:
                 first = (li, u)

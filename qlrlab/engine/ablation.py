@@ -165,8 +165,45 @@ _IN_RUN = threading.Event()
 _ORPHAN_GRACE_S = 8.0
 
 
-def _init_worker(threads: int, coordinator: int) -> None:
-    """Worker start-up: threads, and a watch on the coordinator.
+def cpu_plan(
+    workers: int, threads: int, available: Sequence[int]
+) -> list[tuple[int, ...]] | None:
+    """Disjoint CPU sets for ``workers`` processes of ``threads`` threads each, or ``None`` when
+    they do not fit in ``available`` (then no worker is pinned).
+
+    Pinning keeps each worker's threads on CPUs of their own: unpinned, the scheduler moves
+    workers between CPUs and now and then puts two on one CPU for a while, and identical runs
+    then differ in speed by up to 2× (``benchmarks/step_stability.py``).
+    """
+    cpus = sorted(set(available))
+    if workers < 1 or threads < 1 or workers * threads > len(cpus):
+        return None
+    return [tuple(cpus[i * threads : (i + 1) * threads]) for i in range(workers)]
+
+
+def _pin_from(cpu_sets: Any) -> None:
+    """Take one CPU set from the coordinator's queue and pin this process to it."""
+    import queue
+
+    if cpu_sets is None or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        cpus = cpu_sets.get(timeout=5.0)
+    except queue.Empty:
+        return  # more worker processes than sets (never with ProcessPoolExecutor): unpinned
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, cpus)
+
+
+def _available_cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def _init_worker(threads: int, coordinator: int, cpu_sets: Any = None) -> None:
+    """Worker start-up: CPUs, threads, and a watch on the coordinator.
 
     :func:`qlrlab._lifeline.guard_worker` (run when the worker imported qlrlab) already asked
     for SIGTERM on the coordinator's death (Linux) and exits a worker whose coordinator died
@@ -178,6 +215,7 @@ def _init_worker(threads: int, coordinator: int) -> None:
 
     import torch
 
+    _pin_from(cpu_sets)  # before torch starts its threads: they inherit the affinity
     torch.set_num_threads(max(1, threads))
     if os.getppid() != coordinator:
         os._exit(143)
@@ -269,14 +307,35 @@ def _stop_workers(pool: ProcessPoolExecutor, grace: float = 60.0) -> None:
             p.join(timeout=5)
 
 
+def worker_pool(workers: int, threads: int, pin_cpus: bool = True) -> ProcessPoolExecutor:
+    """The spawned worker processes of a local ablation: ``threads`` torch threads each, pinned
+    to CPUs of their own when ``pin_cpus`` and they fit (:func:`cpu_plan`), each watching this
+    process (its coordinator)."""
+    ctx = mp.get_context("spawn")
+    plan = cpu_plan(workers, threads, _available_cpus()) if pin_cpus else None
+    cpu_sets = None
+    if plan is not None:
+        cpu_sets = ctx.Queue()
+        for cpus in plan:
+            cpu_sets.put(cpus)
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(threads, os.getpid(), cpu_sets),
+    )
+
+
 def _run_pool(
     todo: Sequence[PlannedRun],
     store: RunStore,
     workers: int,
     threads: int,
     record: Any,
+    pin_cpus: bool = True,
 ) -> None:
-    """Run ``todo`` in spawned worker processes (see :func:`qlrlab._lifeline.guard_worker`).
+    """Run ``todo`` in spawned worker processes (see :func:`qlrlab._lifeline.guard_worker`),
+    each pinned to CPUs of its own when they fit (``pin_cpus``, see :func:`cpu_plan`).
 
     Raises:
         KeyboardInterrupt: Ctrl-C or SIGTERM (after stopping the workers).
@@ -285,12 +344,7 @@ def _run_pool(
     from qlrlab._lifeline import ENV_VAR
     from qlrlab.engine.runner import RunInterrupted
 
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=mp.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(threads, os.getpid()),
-    )
+    pool = worker_pool(min(workers, len(todo)), threads, pin_cpus)
     try:
         os.environ[ENV_VAR] = str(os.getpid())  # read (and dropped) by each spawned worker
         try:
@@ -378,6 +432,7 @@ def execute_planned(
     *,
     workers: int = 1,
     threads_per_worker: int = 1,
+    pin_cpus: bool = True,
     quiet: bool = False,
     backend: str = "local",
     address: str | None = None,
@@ -391,6 +446,9 @@ def execute_planned(
         workers: parallel processes (1: in this process).
         threads_per_worker: torch intra-op threads in each worker process (and in this
             process while it runs the runs itself); 1 is fastest for small models.
+        pin_cpus: pin each local worker process to CPUs of its own when
+            ``workers * threads_per_worker`` fit in the CPUs this process may use (Linux;
+            makes identical runs equally fast, see :func:`cpu_plan`).
         quiet: no progress bars (they are also off when stderr is not a terminal).
         backend: ``local`` or ``ray``.
         address: the Ray cluster address (``None``: a local Ray instance).
@@ -449,7 +507,7 @@ def execute_planned(
             finally:
                 torch.set_num_threads(old_threads)
         else:
-            _run_pool(todo, store, workers, threads_per_worker, record)
+            _run_pool(todo, store, workers, threads_per_worker, record, pin_cpus)
     finally:
         stack.close()
         outer.close()
@@ -545,6 +603,7 @@ def run_ablation(
             store,
             workers=workers or spec.workers,
             threads_per_worker=spec.threads_per_worker,
+            pin_cpus=spec.pin_cpus,
             quiet=quiet,
             backend=backend,
             address=address,
