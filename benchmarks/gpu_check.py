@@ -70,6 +70,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "bench": ["--warmup", "1", "--steps", "3"],
         "bench_batch": {"small": "64", "resnet18": "4", "resnet18_cifar": "4", "gpt_small": "2"},
+        # a few optimisers only: the plumbing is the same for all, and each costs ~2 s on the CPU
+        "bench_optimizers": ["adamqlr (own→fast)", "adamqlr (jvp)", "kfac"],
         "gpt": ["--gpt-layers", "2", "--gpt-width", "32", "--gpt-heads", "2",
                 "--gpt-vocab", "100", "--seq-len", "8"],
         "fmnist": ["--set", "base.budget.steps=4", "--set", "base.batch_size=100",
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [py, str(ROOT / "benchmarks" / "bench_step.py"), "--device", args.device,
                    "--models", *models, *size["bench"], "--out", str(prefix),
                    "--count-syncs"]  # fmt: skip
+            if size.get("bench_optimizers"):
+                cmd += ["--optimizers", *size["bench_optimizers"]]
             if group in size["bench_batch"]:
                 cmd += ["--batch-sizes", size["bench_batch"][group]]
             if group == "gpt_small":

@@ -33,7 +33,13 @@ from torch import Tensor, nn
 
 from qlrlab._compat import version, written_since
 
-__all__ = ["autocast_off", "differentiable_attention", "functional_forward", "side_effect_free"]
+__all__ = [
+    "autocast_off",
+    "differentiable_attention",
+    "drop_stale_autocast_casts",
+    "functional_forward",
+    "side_effect_free",
+]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -47,6 +53,18 @@ def autocast_off() -> contextlib.AbstractContextManager[None]:
     if not torch._C._is_any_autocast_enabled():
         return _NO_OP
     return _autocast_off([t for t in _AUTOCAST_DEVICES if torch.is_autocast_enabled(t)])
+
+
+def drop_stale_autocast_casts() -> None:
+    """Forget autocast's low-precision copies of the parameters after they changed in place.
+
+    ``torch.autocast`` caches the cast of every leaf tensor that requires grad for the whole
+    outermost autocast region; a step called inside the user's region updates the parameters in
+    place, and a forward later in that region (the loss at the new parameters, or the user's own
+    next forward) would still multiply by the old weights. No-op outside autocast.
+    """
+    if torch._C._is_any_autocast_enabled():
+        torch.clear_autocast_cache()
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from qlrlab._observe import (
     caller_forward,
     optimizer_passes,
 )
-from qlrlab._passes import autocast_off, side_effect_free
+from qlrlab._passes import autocast_off, drop_stale_autocast_casts, side_effect_free
 from qlrlab._state import clone_state, state_to_device
 from qlrlab._tensorlist import dot, norm, sq_norm
 from qlrlab.interfaces import (
@@ -501,6 +501,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             txn.commit()
         else:
             txn.rollback(params=True)
+            drop_stale_autocast_casts()
         return StepInfo(
             **grad.report(), **update.report(), damping=self.damping.value, rho=rho,
             predicted_change=pred, new_loss=new_loss, update_norm=update.scalars["update_norm"],
@@ -734,6 +735,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             new_loss = bound.loss_after(update.alpha, ctx.direction)
         with torch.no_grad():
             torch._foreach_add_(self._params, update.delta)
+        drop_stale_autocast_casts()
         if need_new_loss and new_loss is None:
             with torch.no_grad(), side_effect_free(self._net, keep_autocast=True):
                 new_loss = self.loss_fn(ctx.problem.call_model(), ctx.problem.targets)

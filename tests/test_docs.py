@@ -201,9 +201,12 @@ def test_every_doc_file_with_python_is_listed():
 @pytest.mark.slow
 def test_python_blocks_in_readme_and_docs_run(tmp_path):
     """Each block runs as a script (``python block.py``, so ``__name__ == "__main__"``, as when
-    a reader pastes it into a file), in one working directory that holds a copy of examples/.
-    The quickstart ablation is cut to 3 steps per run and one seed to stay quick; everything
-    else runs as written."""
+    a reader pastes it into a file), in a working directory of its own that holds a copy of
+    examples/ (two blocks at a time: each is mostly a fresh interpreter importing torch). The
+    quickstart ablation is cut to 3 steps per run and one seed to stay quick; everything else
+    runs as written."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import yaml
 
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
@@ -226,23 +229,41 @@ def test_python_blocks_in_readme_and_docs_run(tmp_path):
         ),
         "OMP_NUM_THREADS": "1",
     }
-    failures, ran = [], 0
-    for name in _DOC_FILES:
-        for line, code, why in _python_blocks(ROOT / name):
-            if why is not None:
-                continue
-            script = tmp_path / f"block_{ran}.py"
-            script.write_text(code + "\n")
-            ran += 1
-            p = subprocess.run(
-                [sys.executable, str(script)],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if p.returncode != 0:
-                failures.append(f"{name}:{line}: exit {p.returncode}\n{p.stderr[-1500:]}")
+    blocks = [
+        (name, line, code)
+        for name in _DOC_FILES
+        for line, code, why in _python_blocks(ROOT / name)
+        if why is None
+    ]
+
+    # the blocks that read the quickstart's results run after the one that makes them, in a
+    # copy of its folder (as a reader runs the page's `qlrlab ablate` before reading results)
+    maker = next(i for i, b in enumerate(blocks) if "run_ablation(" in b[2])
+    readers = [
+        i for i, b in enumerate(blocks) if "results/quickstart" in b[2] and i != maker
+    ]
+
+    def run(i: int) -> str | None:
+        name, line, code = blocks[i]
+        cwd = tmp_path / f"block_{i}"
+        shutil.copytree(tmp_path / "examples", cwd / "examples")
+        if i in readers:
+            shutil.copytree(tmp_path / f"block_{maker}" / "results", cwd / "results")
+        (cwd / "block.py").write_text(code + "\n")
+        p = subprocess.run(
+            [sys.executable, "block.py"],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        return None if p.returncode == 0 else f"{name}:{line}: exit {p.returncode}\n{p.stderr[-1500:]}"
+
+    first = [i for i in range(len(blocks)) if i not in readers]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, first)) + list(pool.map(run, readers))
+    failures = [f for f in results if f is not None]
+    ran = len(blocks)
     assert ran >= 7
     assert not failures, "\n\n".join(failures)

@@ -103,3 +103,37 @@ def test_adamqlr_trains_with_bf16_parameters(kind: str) -> None:
     assert infos[-1].loss < 0.9 * infos[0].loss
     assert opt.curvature.last_path == "fast"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "preset,backend", [("kfac", None), ("adamqlr", "jvp"), ("adamqlr", "auto"), ("sgd", None)]
+)
+def test_a_step_inside_autocast_is_seen_by_the_next_forward_in_that_region(
+    preset: str, backend: str | None
+) -> None:
+    """``torch.autocast`` caches the bf16 cast of each parameter for its whole region. A step
+    taken inside the region updates the parameters in place: the loss at the new parameters
+    (for rho) and the caller's next forward in the same region must see the new weights, not
+    the cached casts of the old ones (found with K-FAC: rho was exactly 0 under autocast)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+    spec = qlrlab.presets.get_preset(preset)
+    if backend is not None:
+        data = spec.model_dump()
+        data["curvature"]["backend"] = backend
+        spec = type(spec).model_validate(data)
+    opt = qlrlab.build_optimizer(spec, model, nn.CrossEntropyLoss())
+    x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x)  # fills the cast cache with the old weights
+        info = opt.step((x, y))
+        after = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model(x)  # a new region: casts of the current weights
+    assert info.status == "ok"
+    assert not torch.equal(before, fresh)  # the step changed the outputs
+    assert torch.equal(after, fresh)
+    if info.new_loss is not None:
+        with torch.no_grad():
+            assert info.new_loss == pytest.approx(float(nn.CrossEntropyLoss()(fresh, y)), rel=1e-2)
+        assert info.new_loss != info.loss

@@ -632,9 +632,11 @@ class KroneckerFactorCapture:
                 calls = self._calls.get(id(lay.module))
                 if not calls:
                     continue
-                grads = [c.grad for c in calls if c.grad is not None]
+                # in the parameters' dtype: under autocast the captured tensors are bf16/fp16
+                dt = lay.module.weight.dtype  # type: ignore[union-attr]
+                grads = [c.grad.to(dt) for c in calls if c.grad is not None]
                 a = input_factor(
-                    lay.module, [c.x for c in calls], approx=self.approx,
+                    lay.module, [c.x.to(dt) for c in calls], approx=self.approx,
                     joint_bias=lay.joint, batch_size=self._batch_size,
                 )  # fmt: skip
                 if grads:
