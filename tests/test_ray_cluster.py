@@ -140,6 +140,21 @@ BASE = {
 }
 
 
+def _boom_study(tmp_path: Path, **fields) -> tuple[Path, Path]:
+    """The ``boom_task`` plugin and a study of it (every trial fails)."""
+    plugin = tmp_path / "boom_plugin.py"
+    plugin.write_text(BOOM_PLUGIN)
+    study = {
+        "name": "boom_study",
+        "base": {**BASE, "task": {"name": "boom_task"}, "budget": {"steps": 5}},
+        "space": {"optimizer.step_size.lr": {"type": "log_uniform", "low": 1e-4, "high": 0.03}},
+        "metric": "val_loss",
+        "scheduler": {"type": "none"},
+        **fields,
+    }
+    return plugin, _write(tmp_path / "boom.yaml", study)
+
+
 def _wait_for(cond, timeout: float, proc: subprocess.Popen) -> None:
     t0 = time.monotonic()
     while not cond():
@@ -258,20 +273,7 @@ def test_ablation_on_cluster_and_failed_trials_summarised(ray_head, shared_data,
     assert len(hashes) == 2
     _check_runs(out, hashes, 40)
 
-    plugin = tmp_path / "boom_plugin.py"
-    plugin.write_text(BOOM_PLUGIN)
-    tune = _write(
-        tmp_path / "boom.yaml",
-        {
-            "name": "boom_study",
-            "base": {**BASE, "task": {"name": "boom_task"}, "budget": {"steps": 5}},
-            "space": {"optimizer.step_size.lr": {"type": "log_uniform", "low": 1e-4, "high": 0.03}},
-            "metric": "val_loss",
-            "n_trials": 2,
-            "scheduler": {"type": "none"},
-            "repeats": 1,
-        },
-    )
+    plugin, tune = _boom_study(tmp_path, n_trials=2, repeats=1)
     out = tmp_path / "boom"
     t0 = time.monotonic()
     res = subprocess.run(
@@ -362,19 +364,7 @@ def test_optuna_study_whose_trials_all_fail_writes_no_result(
 
     monkeypatch.delenv("QLRLAB_PLUGINS", raising=False)  # restored after the test
 
-    plugin = tmp_path / "boom_plugin.py"
-    plugin.write_text(BOOM_PLUGIN)
-    tune = _write(
-        tmp_path / "boom.yaml",
-        {
-            "name": "boom_study",
-            "base": {**BASE, "task": {"name": "boom_task"}, "budget": {"steps": 5}},
-            "space": {"optimizer.step_size.lr": {"type": "log_uniform", "low": 1e-4, "high": 0.03}},
-            "metric": "val_loss",
-            "n_trials": 3,
-            "scheduler": {"type": "none"},
-        },
-    )
+    plugin, tune = _boom_study(tmp_path, n_trials=3)
     out = tmp_path / "out"
     rc = main(["tune", str(tune), "--out", str(out), "-q", "--plugin", str(plugin)])
     assert rc == 1
