@@ -149,6 +149,9 @@ class Proposal:
         curvature: :math:`d^\\top C d` (or :math:`\\delta^\\top C\\delta`), undamped.
         sq_norm: :math:`\\|d\\|^2` (or :math:`\\|\\delta\\|^2`).
         momentum: the momentum coefficient used, when the rule chose one.
+        combination: the explicit update as :math:`\\sum_i c_i v_i`, pairs ``(c_i, v_i)`` of
+            vectors the bound curvature saw (``quadratic_forms``), so that it may evaluate the
+            loss at :math:`\\theta + \\delta` from them (:meth:`BoundCurvature.loss_at`).
         extras: anything else worth logging.
     """
 
@@ -158,6 +161,7 @@ class Proposal:
     curvature: Tensor | None
     sq_norm: Tensor | None
     momentum: Tensor | None
+    combination: list[tuple[Tensor, list[Tensor]]] | None
     extras: dict[str, Any]
 
     def __init__(
@@ -170,6 +174,7 @@ class Proposal:
         momentum: Tensor | None = None,
         extras: dict[str, Any] | None = None,
         *,
+        combination: list[tuple[Tensor, list[Tensor]]] | None = None,
         grad_dot: Tensor | None = None,
         quad_form: Tensor | None = None,
     ) -> None:
@@ -179,6 +184,7 @@ class Proposal:
         self.curvature = curvature if quad_form is None else quad_form
         self.sq_norm = sq_norm
         self.momentum = momentum
+        self.combination = combination
         self.extras = {} if extras is None else extras
 
     @property
@@ -298,6 +304,15 @@ class BoundCurvature(ABC):
     def loss_after(self, alpha: Tensor, direction: list[Tensor]) -> Tensor | None:
         """Optionally return :math:`f(\\theta - \\alpha d)` on the bound batch more cheaply than a
         fresh forward pass (the fast path reuses cached activations). ``None`` = not available.
+
+        Called *before* the parameters are updated.
+        """
+        return None
+
+    def loss_at(self, terms: list[tuple[Tensor, list[Tensor]]]) -> Tensor | None:
+        """Optionally return :math:`f(\\theta + \\sum_i c_i v_i)` on the bound batch from
+        ``terms`` ``[(c_i, v_i)]`` (the vectors of the last :meth:`quadratic_forms`), more
+        cheaply than a fresh forward pass. ``None`` = not available.
 
         Called *before* the parameters are updated.
         """

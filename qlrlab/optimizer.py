@@ -199,6 +199,8 @@ class _Update:
     explicit: bool  # the rule proposed delta itself (not -alpha d)
     uniform: bool  # every param group has the same lr
     scalars: dict[str, float | None]
+    # delta as sum_i c_i v_i over vectors the bound curvature saw (uniform lr only), or None
+    combination: list[tuple[Tensor, list[Tensor]]] | None = None
 
     @property
     def finite(self) -> bool:
@@ -690,7 +692,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
             alpha, direction_norm, update_norm, proposal.grad_dot_direction, proposal.curvature,
             proposal.momentum, proposal.alpha, proposal.sq_norm,
         ])  # fmt: skip
-        return _Update(delta, alpha, explicit, uniform, dict(zip(keys, values)))
+        combination = None
+        if explicit and uniform and proposal.combination is not None:
+            combination = [(c * lr, v) for c, v in proposal.combination]
+        return _Update(delta, alpha, explicit, uniform, dict(zip(keys, values)), combination)
 
     def _predicted_change(
         self, ctx: StepContext, proposal: Proposal, update: _Update, lam: float, required: bool
@@ -730,9 +735,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
         activations when it offers that, after it with a side-effect-free forward otherwise)."""
         new_loss: Tensor | None = None
         bound = ctx.curvature
-        if need_new_loss and bound is not None and not update.explicit and update.uniform:
-            assert ctx.direction is not None
-            new_loss = bound.loss_after(update.alpha, ctx.direction)
+        if need_new_loss and bound is not None and update.uniform:
+            if not update.explicit:
+                assert ctx.direction is not None
+                new_loss = bound.loss_after(update.alpha, ctx.direction)
+            elif update.combination is not None:
+                new_loss = bound.loss_at(update.combination)
         with torch.no_grad():
             torch._foreach_add_(self._params, update.delta)
         drop_stale_autocast_casts()

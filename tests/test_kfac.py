@@ -337,3 +337,47 @@ def test_diag_ggn_direction_matches_dense_diagonal_with_layernorm():
     diag = dense_ggn(model, loss_fn, x, y).diagonal()
     ref = torch.cat([t.reshape(-1) for t in g]) / (diag + 0.1)
     assert torch.allclose(torch.cat([t.reshape(-1) for t in out]), ref, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn_bn", "frozen_first"])
+def test_loss_at_the_new_parameters_comes_from_the_cached_tangents(monkeypatch, arch: str) -> None:
+    """K-FAC's update is -alpha d + mu delta_prev; the loss at theta + delta (for rho) is
+    computed from the first layer's cached tangents of d and delta_prev (no new product with
+    the batch) and equals a fresh forward at the new parameters (float64)."""
+    from qlrlab.backends import fastpath
+
+    torch.manual_seed(0)
+    if arch == "cnn_bn":
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)
+        )
+        shape = (32, 2, 8, 8)
+    else:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+        shape = (64, 20)
+    model = model.to(DT)
+    if arch == "frozen_first":  # the first optimised layer is the second Linear: recomputed
+        model[1].requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = qlrlab.build_optimizer("kfac", model, nn.CrossEntropyLoss(), params=params)
+    used = []
+    real = fastpath.ChainTangents.new_output_combination
+
+    def spy(self, terms):
+        out = real(self, terms)
+        used.append((len(terms), out is not None))
+        return out
+
+    monkeypatch.setattr(fastpath.ChainTangents, "new_output_combination", spy)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(*shape, generator=g, dtype=DT)
+        y = torch.randint(0, 5, (shape[0],), generator=g)
+        info = opt.step((x, y))
+        assert info.status == "ok"
+        with torch.no_grad():
+            model.train()
+            fresh = float(nn.CrossEntropyLoss()(model(x), y))
+        assert info.new_loss == pytest.approx(fresh, rel=1e-12, abs=1e-12)
+    assert used[0] == (1, True)  # the first step: no momentum, -alpha d only
+    assert used[1:] == [(2, True)] * 3  # then -alpha d + mu delta_prev

@@ -465,6 +465,9 @@ class ChainTangents:
         self._key: list[Tensor] | None = None
         self._first: tuple[int, Tensor] | None = None
         self._first_is_out = False
+        # (vector, its first-layer tangent) of the last two tangent passes, for outputs at
+        # theta + sum_i c_i v_i (new_output_combination)
+        self._recent: list[tuple[list[Tensor], tuple[int, Tensor] | None]] = []
         # the plan both passes follow: per leaf, (index, record, module, kind, position of its
         # weight's and bias's tangent in v or -1); built once per chain
         index = {id(p): i for i, p in enumerate(params)}
@@ -522,6 +525,7 @@ class ChainTangents:
         if first is not None and not self.chain[first[0]].shift:
             first = (first[0], torch.empty(0))  # only the index is needed
         self._first = first
+        self._recent = [(list(v), first), *self._recent[:1]]
         # new_output may overwrite the first layer's tangent unless it is also the returned one
         self._first_is_out = (
             first is not None
@@ -602,6 +606,7 @@ class ChainTangents:
                     else:
                         xn = torch.add(r.y, t, alpha=-alpha, out=t)
                     self._first = first = None  # free the cached tangent early
+                    self._recent = []  # its storage now holds the new output
                     continue
                 xn = r.x  # recompute the first optimised layer from its input
                 assert xn is not None
@@ -616,24 +621,79 @@ class ChainTangents:
                 w = w - alpha * v[wi]
             if bi >= 0:
                 b = b - alpha * v[bi]
-            if kind == "linear":
-                xn = _linear_class_major(xn, w, b) if _class_major(m, xn) else F.linear(xn, w, b)
-            elif kind == "conv":
-                xn = m._conv_forward(xn, w, b)
-            else:
-                batch = m.training or m.running_mean is None
-                xn = F.batch_norm(
-                    xn,
-                    None if batch else m.running_mean,
-                    None if batch else m.running_var,
-                    w,
-                    b,
-                    batch,
-                    0.0,
-                    m.eps,
-                )
+            xn = _layer_forward(m, kind, xn, w, b)
         self._key = None
         return self.chain[-1].y if xn is None else xn
+
+    def new_output_combination(
+        self, terms: Sequence[tuple[Tensor | float, Sequence[Tensor]]]
+    ) -> Tensor | None:
+        """Outputs at :math:`\\theta + \\sum_i c_i v_i` for ``terms`` ``[(c_i, v_i)]``, each
+        :math:`v_i` the vector of one of the last two tangent passes (``None`` otherwise): the
+        first optimised layer's output is :math:`y + \\sum_i c_i u_i` from its cached tangents
+        (it is affine in its own parameters), only the layers after it are recomputed."""
+        firsts: list[tuple[Tensor | float, tuple[int, Tensor]]] = []
+        for c, v in terms:
+            hit = next(
+                (
+                    f
+                    for key, f in self._recent
+                    if len(key) == len(v) and all(a is b for a, b in zip(key, v))
+                ),
+                None,
+            )
+            if hit is None:
+                return None
+            firsts.append((c, hit))
+        if not firsts or len({f[0] for _, f in firsts}) != 1:
+            return None
+        start = firsts[0][1][0]
+        xn: Tensor | None = None
+        for li, r, m, kind, wi, bi in self._plan:
+            if xn is None:
+                if li != start:
+                    continue
+                if r.shift:
+                    assert r.y is not None
+                    xn = r.y
+                    for c, (_, t) in firsts:
+                        xn = xn + c * t
+                    continue
+                xn = r.x
+                assert xn is not None
+            elif r.view:
+                xn = xn.reshape(r.x_shape)
+            if kind == "free":
+                xn = _free_forward(m, xn)
+                continue
+            w, b = m.weight, m.bias
+            for c, v in terms:
+                if wi >= 0:
+                    w = w + c * v[wi]
+                if bi >= 0:
+                    b = b + c * v[bi]
+            xn = _layer_forward(m, kind, xn, w, b)
+        return self.chain[-1].y if xn is None else xn
+
+
+def _layer_forward(m: Any, kind: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """A parameterised leaf's forward with weight ``w`` and bias ``b`` (Linear, conv, BatchNorm
+    as in the gradient pass)."""
+    if kind == "linear":
+        return _linear_class_major(x, w, b) if _class_major(m, x) else F.linear(x, w, b)
+    if kind == "conv":
+        return m._conv_forward(x, w, b)
+    batch = m.training or m.running_mean is None
+    return F.batch_norm(
+        x,
+        None if batch else m.running_mean,
+        None if batch else m.running_var,
+        w,
+        b,
+        batch,
+        0.0,
+        m.eps,
+    )
 
 
 def _class_major(m: Any, x: Tensor | None) -> bool:

@@ -164,6 +164,16 @@ class FastBoundGGN(BoundGGN):
                 return None
             return loss_value(self.problem.loss_fn, z, self.problem.targets).detach()
 
+    def loss_at(self, terms: list[tuple[Tensor, list[Tensor]]]) -> Tensor | None:
+        """:math:`f(\\theta + \\sum_i c_i v_i)` on the bound batch from the cached activations
+        and the first layer's tangents of the last two :meth:`jvp` vectors (``None`` for any
+        other vector)."""
+        with torch.no_grad():
+            z = self.fast.new_output_combination(terms)
+            if z is None:
+                return None
+            return loss_value(self.problem.loss_fn, z, self.problem.targets).detach()
+
 
 def _upcast_records(chain: list[_fastpath.Record], dtype: torch.dtype) -> None:
     """Cast the cached activations of an autocast gradient pass (bfloat16/float16) to the

@@ -81,9 +81,11 @@ class KFACAdaptiveStepSize(StepSizeRule):
         coef = self._solve(q, b.to(cq.dtype))
         alpha, mu = coef[0], (coef[1] if len(coef) > 1 else torch.zeros_like(coef[0]))
         update = [-alpha * t for t in d]
+        combination: list[tuple[Tensor, list[Tensor]]] = [(-alpha.detach(), d)]
         if use_mom:
             assert self.previous is not None
             torch._foreach_add_(update, self.previous, alpha=float(mu))
+            combination.append((mu.detach(), self.previous))
         grad_dot = (coef * b).sum()
         quad = coef @ cq_b @ coef
         sq = coef @ gram_b @ coef
@@ -96,6 +98,7 @@ class KFACAdaptiveStepSize(StepSizeRule):
             curvature=quad.detach(),
             sq_norm=sq.detach(),
             momentum=mu.detach(),
+            combination=combination,  # the loss at theta + delta from the two tangents
         )
 
     @staticmethod
