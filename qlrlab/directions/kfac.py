@@ -399,9 +399,9 @@ class KFACDirection(DirectionProvider):
             old = self.factors[i]
             if old is None or eps == 0.0:
                 self.factors[i] = [t.clone() for t in new_list]
-            else:  # out of place: a snapshot (see :meth:`snapshot`) holds the old ones
+            else:  # into the fresh factors (ours): a snapshot (:meth:`snapshot`) holds the old
                 self.factors[i] = [
-                    torch.mul(o, eps).add_(n, alpha=1.0 - eps) for o, n in zip(old, new_list)
+                    n.mul_(1.0 - eps).add_(o, alpha=eps) for o, n in zip(old, new_list)
                 ]
 
     def _update_adam(self, grads: list[Tensor]) -> None:
