@@ -633,7 +633,8 @@ class KroneckerFactorCapture:
                 if not calls:
                     continue
                 # in the parameters' dtype: under autocast the captured tensors are bf16/fp16
-                dt = lay.module.weight.dtype  # type: ignore[union-attr]
+                weight = getattr(lay.module, "weight", None)
+                dt = weight.dtype if isinstance(weight, Tensor) else self.params[0].dtype
                 grads = [c.grad.to(dt) for c in calls if c.grad is not None]
                 a = input_factor(
                     lay.module, [c.x.to(dt) for c in calls], approx=self.approx,
