@@ -381,3 +381,52 @@ def test_loss_at_the_new_parameters_comes_from_the_cached_tangents(monkeypatch, 
         assert info.new_loss == pytest.approx(fresh, rel=1e-12, abs=1e-12)
     assert used[0] == (1, True)  # the first step: no momentum, -alpha d only
     assert used[1:] == [(2, True)] * 3  # then -alpha d + mu delta_prev
+
+
+@pytest.mark.parametrize("arch", ["mlp", "seq", "no_bias"])
+def test_the_two_tangents_share_one_product_and_equal_separate_ones(monkeypatch, arch: str) -> None:
+    """K-FAC's 2x2 model needs the tangents of d and delta_prev: the first hidden layer's two
+    come from one product with its input; the Gram matrix and the steps equal those of two
+    separate tangent passes (float64)."""
+    import copy
+
+    from qlrlab.backends import fastpath
+
+    torch.manual_seed(0)
+    bias = arch != "no_bias"
+    if arch == "seq":  # a [B, T, C] input: the product runs over the last dimension
+        model = nn.Sequential(nn.Linear(6, 12, bias=bias), nn.ReLU(), nn.Linear(12, 5))
+        shape, loss = (16, 4, 6), HalfMSELoss()
+    else:
+        model = nn.Sequential(nn.Linear(20, 16, bias=bias), nn.ReLU(), nn.Linear(16, 5))
+        shape, loss = (64, 20), nn.CrossEntropyLoss()
+    model = model.to(DT)
+    twin = copy.deepcopy(model)
+    calls = []
+    real = fastpath.ChainTangents.first_tangents
+
+    def batched(self, vs):
+        out = real(self, vs)
+        calls.append(out is not None)
+        return out
+
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):
+        x = torch.randn(*shape, generator=g, dtype=DT)
+        y = torch.randn(*shape[:-1], 5, generator=g, dtype=DT) if arch == "seq" else (
+            torch.randint(0, 5, (shape[0],), generator=g)
+        )
+        batches.append((x, y))
+    infos = {}
+    for name, m, patch in (("one", model, batched), ("two", twin, lambda self, vs: None)):
+        monkeypatch.setattr(fastpath.ChainTangents, "first_tangents", patch)
+        opt = qlrlab.build_optimizer("kfac", m, loss)
+        infos[name] = [opt.step(b) for b in batches]
+    assert calls == [False, True, True, True]  # step 1 has d only; then d and delta_prev
+    for a, b in zip(infos["one"], infos["two"]):
+        assert a.status == b.status == "ok"
+        for f in ("alpha", "momentum", "curvature", "new_loss", "rho"):
+            assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-10, abs=1e-12), f
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -483,8 +483,29 @@ class ChainTangents:
             plan.append((li, r, m, r.kind, wi, bi))
         self._plan = plan
 
-    def tangent(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Outputs :math:`z` and :math:`u = Jv` from the cached activations."""
+    def first_tangents(self, vs: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
+        """The first optimised layer's tangents of several vectors from **one** product with
+        its input, :math:`x\\,[dW_1; dW_2; \\dots]^\\top`, split by columns (a hidden ``Linear``
+        layer whose weight every vector moves; ``None`` otherwise). Pass each to
+        :meth:`tangent` as ``first_u``."""
+        first = next((i for i, p in enumerate(self._plan) if p[4] >= 0 or p[5] >= 0), -1)
+        if first < 0 or len(vs) < 2:
+            return None
+        _, r, m, kind, wi, bi = self._plan[first]
+        x = r.x
+        if kind != "linear" or wi < 0 or x is None or _class_major(m, x):
+            return None
+        out = m.out_features
+        prod = F.linear(x, torch.cat([v[wi] for v in vs]))
+        us = []
+        for i, v in enumerate(vs):
+            part = prod[..., i * out : (i + 1) * out]
+            us.append(part + v[bi] if bi >= 0 else part.contiguous())
+        return us
+
+    def tangent(self, v: Sequence[Tensor], first_u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Outputs :math:`z` and :math:`u = Jv` from the cached activations (``first_u``: the
+        first optimised layer's tangent of ``v``, already computed by :meth:`first_tangents`)."""
         u: Tensor | None = None
         owned = False  # whether u (and everything sharing its storage) is ours to overwrite
         first: tuple[int, Tensor] | None = None
@@ -513,7 +534,10 @@ class ChainTangents:
             if u is None and dw is None and db is None:
                 continue
             fresh = u is None
-            u = self._param_tangent(kind, m, r, r.x, u, dw, db)
+            if fresh and first_u is not None:
+                u = first_u
+            else:
+                u = self._param_tangent(kind, m, r, r.x, u, dw, db)
             owned = True
             if fresh and first is None:
                 first = (li, u)

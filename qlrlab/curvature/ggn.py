@@ -108,11 +108,14 @@ class BoundGGN(BoundCurvature):
 
     def quadratic_forms(self, vs: list[list[Tensor]]) -> Tensor:
         """Gram matrix :math:`[v_i^\\top G v_j]` from one JVP per vector."""
-        us = [self.jvp(v)[1] for v in vs]
+        return self._gram([self.jvp(v)[1] for v in vs])
+
+    def _gram(self, us: list[Tensor]) -> Tensor:
+        """:math:`[u_i^\\top H_z u_j]`, symmetrised, for output tangents ``us`` at ``self._z``."""
         z = self._z
         assert z is not None
         hus = [output_hvp(self.problem.loss_fn, z, self.problem.targets, u) for u in us]
-        k = len(vs)
+        k = len(us)
         out = torch.empty(k, k, dtype=z.dtype, device=z.device)
         for i in range(k):
             for j in range(k):
@@ -154,6 +157,18 @@ class FastBoundGGN(BoundGGN):
             z, u = self.fast.tangent(v)
         self._z = z
         return z, u
+
+    def quadratic_forms(self, vs: list[list[Tensor]]) -> Tensor:
+        """Gram matrix :math:`[v_i^\\top G v_j]`; the first layer's tangents of all the
+        vectors come from one product with its input (:meth:`ChainTangents.first_tangents`)."""
+        with torch.no_grad(), autocast_off():
+            firsts = self.fast.first_tangents(vs)
+            us = []
+            for i, v in enumerate(vs):
+                z, u = self.fast.tangent(v, None if firsts is None else firsts[i])
+                us.append(u)
+        self._z = z
+        return self._gram(us)
 
     def loss_after(self, alpha: Tensor, direction: list[Tensor]) -> Tensor | None:
         """:math:`f(\theta - \alpha d)` on the bound batch (``None`` if ``d`` was not the last
