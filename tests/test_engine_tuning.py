@@ -138,3 +138,30 @@ def test_ray_backend_tiny_study(tmp_path):
     index = json.loads((out / "index.json").read_text())
     kinds = [e["labels"]["kind"] for e in index["entries"]]
     assert kinds.count("trial") == 2 and kinds.count("repeat") == 1
+
+
+def test_repeats_of_an_earlier_best_are_superseded_not_mixed_in(tmp_path):
+    """A study resumed with more trials may find a new best: the repeats of the earlier best stay
+    on disk and in the index as ``kind: superseded``, and the report's "best" holds the current
+    best's repeats only (before: both sets, two configurations under one label). Also: a second
+    study in the same process may use the folder (``run_tune`` releases its lock)."""
+    spec = _write(tmp_path / "tune.yaml", {**TUNE, "n_trials": 2, "scheduler": {"type": "none"}})
+    out = tmp_path / "out"
+    assert main(["tune", str(spec), "--out", str(out), "-q", "--no-report"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    current = {e["hash"] for e in index["entries"] if e["labels"]["kind"] == "repeat"}
+    assert len(current) == 2
+    # an earlier best's repeat, as a resumed study whose best changed leaves it
+    earlier = {"hash": "0123456789abcdef", "labels": {"task": "uci_energy", "seed": 0,
+                                                     "kind": "repeat", "variant": "best"}}
+    index["entries"].append(earlier)
+    (out / "index.json").write_text(json.dumps(index))
+    assert main(["tune", str(spec), "--out", str(out), "-q", "--resume"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    kinds = {e["hash"]: e["labels"]["kind"] for e in index["entries"]}
+    assert {h for h, k in kinds.items() if k == "repeat"} == current
+    assert kinds[earlier["hash"]] == "superseded"
+    from qlrlab.engine import collect_runs
+
+    runs = collect_runs(out)  # what the report draws: the current best's two repeats
+    assert sorted(runs["hash"]) == sorted(current)

@@ -34,7 +34,7 @@ from qlrlab.engine.specs import (  # noqa: F401
     finite,
     run_hash,
 )
-from qlrlab.engine.storage import RunStore, atomic_write_json  # noqa: F401
+from qlrlab.engine.storage import RunStore, atomic_write_json
 from qlrlab.engine.tuning._common import (  # noqa: F401  (names kept importable from here)
     _METRIC_COLUMN,
     _SUMMARY_KEY,
@@ -215,50 +215,69 @@ def run_tune(
     if check_data:
         preflight([base, repeat_base])
     store = prepare_output(out_dir, resume=resume, overwrite=overwrite, kind="tune")
-    store.add_entries([], kind="tune", name=spec.name, spec=spec.model_dump(mode="json"))
-    if backend not in BACKENDS:
-        raise SpecError(f"unknown backend {backend!r}", fix="use --backend optuna or ray")
-    options = SearchOptions(quiet=quiet, resume=resume, address=address, run=run_safely)
-    found = BACKENDS[backend].search(spec, base, store, options)
-    params, value, n, failures = found.params, found.value, found.n_trials, found.failures
-    if not params and failures:  # nothing to report: no best.json that looks like a result
-        (store.root / "best.json").unlink(missing_ok=True)
-        raise TrialsFailed(failures, n, store.root)
-    overrides = spec.params_to_overrides(params)
-    atomic_write_json(
-        store.root / "best.json",
-        {
-            "params": params,
-            "overrides": {k: v for k, v in overrides},
-            "value": value,
-            "metric": spec.metric,
-            "scope": spec.scope,
-            "n_trials": n,
-        },
-    )
-    result = TuneResult(
-        out_dir=store.root,
-        best_params=params,
-        best_value=value,
-        n_trials=n,
-        best_overrides=overrides,
-        failures=failures,
-    )
-    seeds = spec.repeat_seed_list()
-    if params and seeds:
-        best = apply_overrides(repeat_base.model_dump(mode="json"), overrides)
-        planned = []
-        for s in seeds:
-            run = best.model_copy(update={"seed": int(s)})
-            planned.append(
-                PlannedRun(
-                    labels=_labels(run, kind="repeat", variant="best"),
-                    spec=run,
-                    hash=run_hash(run),
-                )
-            )
-        store.add_entries([{"hash": p.hash, "labels": p.labels} for p in planned])
-        result.repeats = execute_planned(
-            planned, store, workers=workers, quiet=quiet, desc=f"{spec.name} repeats"
+    try:  # the folder's lock is released when the study ends, not when the store is collected
+        store.add_entries([], kind="tune", name=spec.name, spec=spec.model_dump(mode="json"))
+        if backend not in BACKENDS:
+            raise SpecError(f"unknown backend {backend!r}", fix="use --backend optuna or ray")
+        options = SearchOptions(quiet=quiet, resume=resume, address=address, run=run_safely)
+        found = BACKENDS[backend].search(spec, base, store, options)
+        params, value, n, failures = found.params, found.value, found.n_trials, found.failures
+        if not params and failures:  # nothing to report: no best.json that looks like a result
+            (store.root / "best.json").unlink(missing_ok=True)
+            raise TrialsFailed(failures, n, store.root)
+        overrides = spec.params_to_overrides(params)
+        atomic_write_json(
+            store.root / "best.json",
+            {
+                "params": params,
+                "overrides": {k: v for k, v in overrides},
+                "value": value,
+                "metric": spec.metric,
+                "scope": spec.scope,
+                "n_trials": n,
+            },
         )
-    return result
+        result = TuneResult(
+            out_dir=store.root,
+            best_params=params,
+            best_value=value,
+            n_trials=n,
+            best_overrides=overrides,
+            failures=failures,
+        )
+        seeds = spec.repeat_seed_list()
+        if params and seeds:
+            best = apply_overrides(repeat_base.model_dump(mode="json"), overrides)
+            planned = []
+            for s in seeds:
+                run = best.model_copy(update={"seed": int(s)})
+                planned.append(
+                    PlannedRun(
+                        labels=_labels(run, kind="repeat", variant="best"),
+                        spec=run,
+                        hash=run_hash(run),
+                    )
+                )
+            _supersede_old_repeats(store, {p.hash for p in planned})
+            store.add_entries([{"hash": p.hash, "labels": p.labels} for p in planned])
+            result.repeats = execute_planned(
+                planned, store, workers=workers, quiet=quiet, desc=f"{spec.name} repeats"
+            )
+        return result
+    finally:
+        store.lock.release()
+
+
+def _supersede_old_repeats(store: RunStore, current: set[str]) -> None:
+    """Relabel the repeats of an earlier best configuration (a resumed study whose best changed)
+    ``kind: superseded``: their runs stay on disk and in the index, but the report's "best" is
+    the current best's repeats only, never a mix of two configurations."""
+    index = store.read_index()
+    changed = False
+    for e in index.get("entries", []):
+        labels = e.get("labels", {})
+        if labels.get("kind") == "repeat" and e.get("hash") not in current:
+            e["labels"] = {**labels, "kind": "superseded"}
+            changed = True
+    if changed:
+        store.write_index(index)
