@@ -614,40 +614,24 @@ class ChainTangents:
             return None
         if any(a is not b for a, b in zip(self._key, v)):
             return None
-        xn: Tensor | None = None
         first = self._first
-        for li, r, m, kind, wi, bi in self._plan:
-            if xn is None:
-                if first is None or li != first[0]:
-                    continue
-                if r.shift:
-                    assert r.y is not None
-                    t = first[1]
-                    if self._first_is_out:
-                        xn = r.y - alpha * t
-                    elif isinstance(alpha, Tensor):  # nothing else holds t: y - alpha*t
-                        xn = torch.addcmul(r.y, t, -alpha, out=t)  # into its storage, one pass
-                    else:
-                        xn = torch.add(r.y, t, alpha=-alpha, out=t)
-                    self._first = first = None  # free the cached tangent early
-                    self._recent = []  # its storage now holds the new output
-                    continue
-                xn = r.x  # recompute the first optimised layer from its input
-                assert xn is not None
-            elif r.view:
-                xn = xn.reshape(r.x_shape)
-            if kind == "free":
-                xn = _free_forward(m, xn)
-                continue
-            w = m.weight
-            b = m.bias
-            if wi >= 0:
-                w = w - alpha * v[wi]
-            if bi >= 0:
-                b = b - alpha * v[bi]
-            xn = _layer_forward(m, kind, xn, w, b)
         self._key = None
-        return self.chain[-1].y if xn is None else xn
+        if first is None:
+            return self.chain[-1].y
+        r = self.chain[first[0]]
+        xn: Tensor | None = None
+        if r.shift:
+            assert r.y is not None
+            t = first[1]
+            if self._first_is_out:
+                xn = r.y - alpha * t
+            elif isinstance(alpha, Tensor):  # nothing else holds t: y - alpha*t
+                xn = torch.addcmul(r.y, t, -alpha, out=t)  # into its storage, one pass
+            else:
+                xn = torch.add(r.y, t, alpha=-alpha, out=t)
+            self._first = None  # free the cached tangent early
+            self._recent = []  # its storage now holds the new output
+        return self._forward_from(first[0], xn, [(-alpha, v)])
 
     def new_output_combination(
         self, terms: Sequence[tuple[Tensor | float, Sequence[Tensor]]]
@@ -672,17 +656,29 @@ class ChainTangents:
         if not firsts or len({f[0] for _, f in firsts}) != 1:
             return None
         start = firsts[0][1][0]
+        r = self.chain[start]
         xn: Tensor | None = None
+        if r.shift:
+            assert r.y is not None
+            xn = r.y
+            for c, (_, t) in firsts:
+                xn = xn + c * t
+        return self._forward_from(start, xn, terms)
+
+    def _forward_from(
+        self,
+        start: int,
+        out: Tensor | None,
+        terms: Sequence[tuple[Tensor | float, Sequence[Tensor]]],
+    ) -> Tensor:
+        """The outputs at :math:`\\theta + \\sum_i c_i v_i`, recomputing the layers from
+        ``start`` on (from ``start``'s cached input when its new output ``out`` is ``None``, else
+        from the layer after it)."""
+        xn = out
         for li, r, m, kind, wi, bi in self._plan:
+            if li < start or (li == start and out is not None):
+                continue
             if xn is None:
-                if li != start:
-                    continue
-                if r.shift:
-                    assert r.y is not None
-                    xn = r.y
-                    for c, (_, t) in firsts:
-                        xn = xn + c * t
-                    continue
                 xn = r.x
                 assert xn is not None
             elif r.view:
