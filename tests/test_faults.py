@@ -235,8 +235,9 @@ def test_ctrl_c_on_run_writes_a_checkpoint_that_resume_continues(tmp_path):
 def test_interrupted_ablation_stops_promptly_and_resumes_every_run_once(tmp_path, how):
     """Ctrl-C (SIGINT to the process group) or SIGTERM (to the coordinator only): a message,
     the workers checkpoint and exit, no new run starts, exit 130 within seconds; ``--resume``
-    then finishes every run exactly once."""
-    steps = 1000
+    then finishes every run exactly once. (2000 steps: on a loaded machine the runs of 1000
+    steps could all end between the first checkpoints and the signal, which then came too late.)"""
+    steps = 2000
     spec = _write(tmp_path / "a.yaml", _ablation(steps, 2, checkpoint_every=50))
     out = tmp_path / "out"
     with _started(_ablate_cmd(spec, out, "--workers", "2")) as (proc, seen):
