@@ -14,7 +14,7 @@ what could explain a difference between processes:
 
 With ``--ablation`` it instead runs what the issue ran: ``qlrlab ablate`` with 2 worker
 processes over ``--runs`` seeds of that training, once with the workers pinned to CPUs of their
-own (``pin_cpus: true``, the default) and once unpinned, interleaved ``--rounds`` times, and
+own (``pin_cpus: true``) and once unpinned (the default), interleaved ``--rounds`` times, and
 prints every run's training time per step (``train_time / steps`` of its summary).
 
 Usage::

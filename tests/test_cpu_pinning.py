@@ -22,10 +22,10 @@ def test_cpu_plan_does_not_pin_what_does_not_fit(workers: int, threads: int, cpu
     assert cpu_plan(workers, threads, cpus) is None
 
 
-def test_pin_cpus_is_on_by_default_and_can_be_switched_off() -> None:
+def test_pin_cpus_is_off_by_default_and_can_be_switched_on() -> None:
     base = {"task": {"name": "rosenbrock"}, "optimizer": {"preset": "adam"}}
-    assert AblationSpec.model_validate({"base": base}).pin_cpus is True
-    assert AblationSpec.model_validate({"base": base, "pin_cpus": False}).pin_cpus is False
+    assert AblationSpec.model_validate({"base": base}).pin_cpus is False
+    assert AblationSpec.model_validate({"base": base, "pin_cpus": True}).pin_cpus is True
 
 
 def _where() -> tuple[int, tuple[int, ...]]:

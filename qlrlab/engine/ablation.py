@@ -307,7 +307,7 @@ def _stop_workers(pool: ProcessPoolExecutor, grace: float = 60.0) -> None:
             p.join(timeout=5)
 
 
-def worker_pool(workers: int, threads: int, pin_cpus: bool = True) -> ProcessPoolExecutor:
+def worker_pool(workers: int, threads: int, pin_cpus: bool = False) -> ProcessPoolExecutor:
     """The spawned worker processes of a local ablation: ``threads`` torch threads each, pinned
     to CPUs of their own when ``pin_cpus`` and they fit (:func:`cpu_plan`), each watching this
     process (its coordinator)."""
@@ -332,7 +332,7 @@ def _run_pool(
     workers: int,
     threads: int,
     record: Any,
-    pin_cpus: bool = True,
+    pin_cpus: bool = False,
 ) -> None:
     """Run ``todo`` in spawned worker processes (see :func:`qlrlab._lifeline.guard_worker`),
     each pinned to CPUs of its own when they fit (``pin_cpus``, see :func:`cpu_plan`).
@@ -432,7 +432,7 @@ def execute_planned(
     *,
     workers: int = 1,
     threads_per_worker: int = 1,
-    pin_cpus: bool = True,
+    pin_cpus: bool = False,
     quiet: bool = False,
     backend: str = "local",
     address: str | None = None,
