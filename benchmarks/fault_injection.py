@@ -90,9 +90,17 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+#: execs the command with SIGINT at its default action, as at a terminal (a script started in the
+#: background by a non-interactive shell ignores SIGINT, and its children would inherit that)
+SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", SIGINT_DEFAULT, *cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
 

@@ -111,11 +111,22 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen | None = None) -> Non
         time.sleep(0.02)
 
 
+#: ``python -c`` prologue that execs the command with Ctrl-C (SIGINT) at its default action, as at
+#: a terminal: a test runner started in the background by a non-interactive shell (``cmd &``,
+#: ``nohup``) ignores SIGINT, every process it starts inherits that, and a Python process that
+#: starts with SIGINT ignored keeps ignoring it (no KeyboardInterrupt), as ``nohup`` intends
+_SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 @contextlib.contextmanager
 def _started(cmd: list[str], **kw: object) -> Iterator[tuple[subprocess.Popen, set[int]]]:
-    """Start ``cmd`` in its own session; on exit kill it and every process it started."""
+    """Start ``cmd`` in its own session, with SIGINT at its default action whatever the test
+    runner's (see :data:`_SIGINT_DEFAULT`); on exit kill it and every process it started."""
     proc = subprocess.Popen(
-        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", _SIGINT_DEFAULT, *cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     seen: set[int] = set()
