@@ -462,11 +462,10 @@ class ChainTangents:
 
     def __init__(self, chain: list[Record], params: Sequence[Tensor]) -> None:
         self.chain = chain
-        self._key: list[Tensor] | None = None
-        self._first: tuple[int, Tensor] | None = None
         self._first_is_out = False
-        # (vector, its first-layer tangent) of the last two tangent passes, for outputs at
-        # theta + sum_i c_i v_i (new_output_combination)
+        # (vector, its first-layer tangent) of the last two tangent passes, newest first, for
+        # the outputs at theta - alpha v (new_output) and theta + sum_i c_i v_i
+        # (new_output_combination)
         self._recent: list[tuple[list[Tensor], tuple[int, Tensor] | None]] = []
         # the plan both passes follow: per leaf, (index, record, module, kind, position of its
         # weight's and bias's tangent in v or -1); built once per chain
@@ -482,16 +481,17 @@ class ChainTangents:
             bi = -1 if b is None else index.get(id(b), -1)
             plan.append((li, r, m, r.kind, wi, bi))
         self._plan = plan
+        # the first leaf whose weight or bias is optimised (-1: none)
+        self._first_opt = next((i for i, p in enumerate(plan) if p[4] >= 0 or p[5] >= 0), -1)
 
     def first_tangents(self, vs: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
         """The first optimised layer's tangents of several vectors from **one** product with
         its input, :math:`x\\,[dW_1; dW_2; \\dots]^\\top`, split by columns (a hidden ``Linear``
         layer whose weight every vector moves; ``None`` otherwise). Pass each to
         :meth:`tangent` as ``first_u``."""
-        first = next((i for i, p in enumerate(self._plan) if p[4] >= 0 or p[5] >= 0), -1)
-        if first < 0 or len(vs) < 2:
+        if self._first_opt < 0 or len(vs) < 2:
             return None
-        _, r, m, kind, wi, bi = self._plan[first]
+        _, r, m, kind, wi, bi = self._plan[self._first_opt]
         x = r.x
         if kind != "linear" or wi < 0 or x is None or _class_major(m, x):
             return None
@@ -545,10 +545,8 @@ class ChainTangents:
                     owned = False  # kept for new_output: must not be overwritten
         z = self.chain[-1].y
         assert z is not None
-        self._key = list(v)
         if first is not None and not self.chain[first[0]].shift:
             first = (first[0], torch.empty(0))  # only the index is needed
-        self._first = first
         self._recent = [(list(v), first), *self._recent[:1]]
         # new_output may overwrite the first layer's tangent unless it is also the returned one
         self._first_is_out = (
@@ -609,13 +607,12 @@ class ChainTangents:
         return out
 
     def new_output(self, alpha: Tensor | float, v: Sequence[Tensor]) -> Tensor | None:
-        """Outputs at :math:`\\theta - \\alpha v` (``None`` when ``v`` is not the last tangent's)."""
-        if self._key is None or len(self._key) != len(v):
+        """Outputs at :math:`\\theta - \\alpha v` (``None`` when ``v`` is not the last tangent's);
+        once per tangent pass (the first layer's cached tangent may hold the new output)."""
+        found, first = self._cached_first(v, latest=True)
+        if not found:
             return None
-        if any(a is not b for a, b in zip(self._key, v)):
-            return None
-        first = self._first
-        self._key = None
+        self._recent = []
         if first is None:
             return self.chain[-1].y
         r = self.chain[first[0]]
@@ -629,8 +626,6 @@ class ChainTangents:
                 xn = torch.addcmul(r.y, t, -alpha, out=t)  # into its storage, one pass
             else:
                 xn = torch.add(r.y, t, alpha=-alpha, out=t)
-            self._first = None  # free the cached tangent early
-            self._recent = []  # its storage now holds the new output
         return self._forward_from(first[0], xn, [(-alpha, v)])
 
     def new_output_combination(
@@ -642,14 +637,7 @@ class ChainTangents:
         (it is affine in its own parameters), only the layers after it are recomputed."""
         firsts: list[tuple[Tensor | float, tuple[int, Tensor]]] = []
         for c, v in terms:
-            hit = next(
-                (
-                    f
-                    for key, f in self._recent
-                    if len(key) == len(v) and all(a is b for a, b in zip(key, v))
-                ),
-                None,
-            )
+            _, hit = self._cached_first(v)
             if hit is None:
                 return None
             firsts.append((c, hit))
@@ -664,6 +652,17 @@ class ChainTangents:
             for c, (_, t) in firsts:
                 xn = xn + c * t
         return self._forward_from(start, xn, terms)
+
+    def _cached_first(
+        self, v: Sequence[Tensor], latest: bool = False
+    ) -> tuple[bool, tuple[int, Tensor] | None]:
+        """Whether ``v`` is the vector of one of the last two tangent passes (``latest``: of the
+        last one), and then its first optimised layer's (index, tangent), ``None`` if it moves
+        no layer."""
+        for key, first in self._recent[:1] if latest else self._recent:
+            if len(key) == len(v) and all(a is b for a, b in zip(key, v)):
+                return True, first
+        return False, None
 
     def _forward_from(
         self,
