@@ -212,6 +212,13 @@ class Component:
     #: pass whenever the component has one.
     gradient_pass_optional: bool = False
 
+    @property
+    def records_forward(self) -> bool:
+        """Whether the optional :meth:`gradient_pass` would record anything now (then, after
+        ``loss.backward(); opt.step()``, the optimiser runs a gradient-free forward inside it on
+        the observed batch). Read only when :attr:`gradient_pass_optional`."""
+        return True
+
     def __init__(self, spec: Any = None) -> None:
         self.spec = spec
 

@@ -457,7 +457,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         With the last two the batch is the one that went through the model and the loss module
         (observed by forward pre-hooks; see :mod:`qlrlab._observe`) and the gradient is the
         caller's (clipped or unscaled as the caller left it); components whose own gradient
-        pass is required (K-FAC) recompute it on that batch.
+        pass is required (K-FAC) recompute it on that batch, and after ``loss.backward()`` the
+        GGN fast path records a gradient-free forward on it.
 
         The step is a transaction: a rejected or refused step leaves parameters and every
         component's state as they were (the damping schedule, which decides, keeps its update).
@@ -583,6 +584,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         else:
             assert b.caller_loss is not None
             loss, outputs = b.caller_loss, None
+            if b.convention == "opt.step()":
+                self._recording_forward(b.inputs)
         if self.grad_all_reduce is not None:
             for p in self._params:  # same layout on every worker
                 if p.grad is None:
@@ -597,6 +600,28 @@ class ComposedOptimizer(torch.optim.Optimizer):
         # identities only (no references: holding the old gradients would change allocation)
         self._grads_left = [None if p.grad is None else (id(p.grad), version(p.grad)) for p in params]  # type: ignore[misc]
         return _Gradient(loss, outputs, grads, loss_f, grad_norm, raw_f)
+
+    def _recording_forward(self, inputs: Any) -> None:
+        """After ``loss.backward(); opt.step()`` the caller's forward ran unwatched: components
+        whose gradient pass only records activations (the GGN fast path) get a forward of their
+        own on the observed batch, without gradients and without touching the model's buffers
+        (under the caller's autocast, as the forward of ``step(batch)``). One forward, against a
+        forward and a forward-mode pass on the general path."""
+        comps = [
+            c for c in self.components
+            if _has_gradient_pass(c) and c.gradient_pass_optional and c.records_forward
+        ]  # fmt: skip
+        if not comps or self._micro_batches != 1:
+            return
+        with (
+            torch.no_grad(),
+            side_effect_free(self._net, keep_autocast=True),
+            contextlib.ExitStack() as stack,
+        ):
+            module = self._net
+            for comp in comps:
+                module = stack.enter_context(comp.gradient_pass(module))
+            call_model(module, inputs)
 
     def _clip(self, grads: list[Tensor]) -> Tensor | None:
         """Clip ``grads`` in place by value, then by global norm (``gradient.clip_value``,

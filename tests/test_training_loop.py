@@ -85,11 +85,48 @@ def test_three_calling_conventions_give_one_result(spec: str, convention: str) -
         assert a.status == b.status
     for p, q in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-8, atol=1e-12)
-    if spec == "adamqlr":  # the fast path served step(batch); the others say what they used
+    if spec == "adamqlr":  # the fast path serves every convention (after loss.backward():
+        # from a gradient-free recording forward of the optimiser's own)
         assert ref_opt.curvature.last_path == "fast"
-        assert opt.curvature.last_path in ("fast", "jvp")
-        if opt.curvature.last_path == "jvp":
-            assert opt.curvature.last_fallback
+        assert opt.curvature.last_path == "fast", opt.curvature.last_fallback
+
+
+def test_backward_then_step_records_without_touching_buffers_or_autograd() -> None:
+    """``loss.backward(); opt.step()`` on a BatchNorm model in training mode: the optimiser's
+    recording forward takes the fast path, leaves the running statistics as the caller's forward
+    left them (updated once per step, as with ``step(batch)``) and equals ``step(batch)``."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(5)
+        return nn.Sequential(
+            nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)
+        ).double()
+
+    loss_fn = nn.CrossEntropyLoss()
+    ref_model, got_model = model(), model()
+    ref = qlrlab.build_optimizer("adamqlr", ref_model, loss_fn)
+    opt = qlrlab.build_optimizer("adamqlr", got_model, loss_fn)
+    for x, y in _batches(4):
+        a = ref.step((x, y))
+        opt.zero_grad()
+        loss_fn(got_model(x), y).backward()
+        b = opt.step()
+        assert opt.curvature.last_path == "fast", opt.curvature.last_fallback
+        for k in ("loss", "alpha", "rho", "curvature", "new_loss"):
+            assert getattr(b, k) == pytest.approx(getattr(a, k), rel=1e-8, abs=1e-12), k
+    for p, q in zip(ref_model.parameters(), got_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-8, atol=1e-12)
+    bn_ref, bn_got = ref_model[1], got_model[1]
+    assert int(bn_got.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 4
+    torch.testing.assert_close(bn_got.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn_got.running_var, bn_ref.running_var)
+
+
+def test_records_forward_only_where_a_recording_is_used() -> None:
+    """The recording forward after ``loss.backward()`` runs only for the fast path's oracle."""
+    fast = qlrlab.build_optimizer("adamqlr", _model(), nn.CrossEntropyLoss())
+    general = qlrlab.build_optimizer(_spec("adamqlr_jvp"), _model(), nn.CrossEntropyLoss())
+    assert fast.curvature.records_forward and not general.curvature.records_forward
 
 
 def test_step_without_an_observed_batch_says_what_to_do() -> None:

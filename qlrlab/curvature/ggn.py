@@ -226,6 +226,11 @@ class GGNOracle(CurvatureOracle):
         #: why the last :meth:`bind` did not take the fast path (``None`` when it did).
         self.last_fallback: str | None = None
 
+    @property
+    def records_forward(self) -> bool:
+        """Whether the gradient pass records activations for the fast path."""
+        return self._fast
+
     def setup(self, params: Sequence[Tensor], model: nn.Module, loss_fn: nn.Module) -> None:
         """Check the loss/model are supported by the chosen back-end; decide on the fast path."""
         check_output_hessian(loss_fn, "ggn")
@@ -283,8 +288,8 @@ class GGNOracle(CurvatureOracle):
             self.last_fallback = rec.failure
         elif self._fast:
             self.last_fallback = (
-                "the gradient pass was not recorded: it ran in the caller's code "
-                "(step(closure) or loss.backward(); step()) or in micro-batches"
+                "the gradient pass was not recorded: it ran in micro-batches, or in a "
+                "closure that called the model through a wrapper"
             )
         else:
             self.last_fallback = self.fast_unsupported
