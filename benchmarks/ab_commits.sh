@@ -3,8 +3,10 @@
 # its own process) for an older commit and for the working tree, in alternating runs, so that a
 # change of the host between two sessions is not mistaken for a change of the code.
 #
-# usage: bash benchmarks/ab_commits.sh OLD_COMMIT [ROUNDS] [bench_step.py arguments...]
+# usage: [OPTIMIZER=label] bash benchmarks/ab_commits.sh OLD_COMMIT [ROUNDS] [bench_step args...]
 #   e.g. bash benchmarks/ab_commits.sh 140f772 3 --models fmnist_mlp wide_mlp cnn --steps 60
+#        OPTIMIZER=kfac bash benchmarks/ab_commits.sh HEAD 3 --models cnn --steps 30
+# OPTIMIZER: a label of bench_step.py's OPTIMISERS (default "adamqlr (own→fast)").
 # Prints one line per run: round, tree, model, median × Adam, mean × Adam.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,7 @@ args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
     args=(--models fmnist_mlp wide_mlp --steps 60)
 fi
+opt=${OPTIMIZER:-"adamqlr (own→fast)"}
 py="$PWD/.venv/bin/python"
 tree=$(mktemp -d)
 trap 'git worktree remove --force "$tree" >/dev/null 2>&1 || rm -rf "$tree"' EXIT
@@ -24,7 +27,7 @@ for ((i = 1; i <= rounds; i++)); do
         label=$([ "$dir" = "$PWD" ] && echo "working-tree" || echo "$old")
         # PYTHONPATH first: that tree's qlrlab, not the installed one
         (cd "$dir" && PYTHONPATH="$dir" "$py" benchmarks/bench_step.py \
-            --optimizers torch.optim.Adam "adamqlr (own→fast)" "${args[@]}" 2>/dev/null) |
-            awk -F'|' -v i="$i" -v t="$label" '/adamqlr \(own/ {print i, t, $2, $7, $8}'
+            --optimizers torch.optim.Adam "$opt" "${args[@]}" 2>/dev/null) |
+            awk -F'|' -v i="$i" -v t="$label" -v o=" $opt " '$4 == o {print i, t, $2, $7, $8}'
     done
 done

@@ -246,18 +246,37 @@ def _linear_rows(x: Tensor, batch_size: int | None) -> Tensor:
     return x.movedim(d, 0).reshape(x.shape[d], -1, x.shape[-1])
 
 
-def _patches(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """Unfolded input patches ``[N, T, C_in·kh·kw]`` (the weight's row-major column order)."""
+def _unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches ``[N, C_in·kh·kw, T]`` (``F.unfold``'s layout)."""
     if x.ndim == 3:
         x = x.unsqueeze(0)
-    cols = F.unfold(
+    return F.unfold(
         x,
         module.kernel_size,
         dilation=module.dilation,
         padding=module.padding,  # type: ignore[arg-type]
         stride=module.stride,
     )
-    return cols.transpose(1, 2)
+
+
+def _patches(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches ``[N, T, C_in·kh·kw]`` (the weight's row-major column order)."""
+    return _unfold(module, x).transpose(1, 2)
+
+
+def _patch_columns(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches feature-major, ``[C_in·kh·kw, N·T]``."""
+    cols = _unfold(module, x)
+    return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+
+
+def _rows_of_columns(parts: Sequence[Tensor]) -> Tensor:
+    """The rows ``[M, D]`` for a Gram matrix, given as column blocks ``[D, M_i]``: a transposed
+    view of one contiguous ``[D, M]`` tensor. Gathering patches or cotangents feature-major
+    copies contiguous runs of positions; gathering them row-major would transpose every
+    ``[D, T]`` block (on the CNN's second convolution, 21 ms of the step against 4 ms)."""
+    cols = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return cols.T
 
 
 def input_factor(
@@ -277,6 +296,9 @@ def input_factor(
         joint_bias: append a column of ones (kfac-jax's ``[W b]`` block).
         batch_size: the model input's batch size (locates the batch dimension for ``reduce``).
     """
+    if approx == "expand" and isinstance(module, nn.Conv2d):
+        flat = _rows_of_columns([_patch_columns(module, x) for x in inputs])
+        return _factor_from_rows(flat, joint_bias)
     rows = [
         _patches(module, x) if isinstance(module, nn.Conv2d) else _linear_rows(x, batch_size)
         for x in inputs
@@ -290,6 +312,12 @@ def input_factor(
                 "kfac_approx: reduce needs every call of a layer to see the same batch size"
             )
         flat = (rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)).mean(1)
+    return _factor_from_rows(flat, joint_bias)
+
+
+def _factor_from_rows(flat: Tensor, joint_bias: bool) -> Tensor:
+    """:math:`A` from its rows ``[M, D]`` (averaged over the rows), with kfac-jax's ones column
+    when ``joint_bias``."""
     m, n = flat.shape
     if not joint_bias:
         return symmetric_gram(flat).div_(m)
@@ -340,6 +368,13 @@ def output_factor(
         scale: :math:`c/K` (see the module docstring).
         batch_size: the model input's batch size (for ``reduce``).
     """
+    if approx == "expand" and isinstance(module, nn.Conv2d):
+        # [C_out, K·N·T] per call (contiguous runs of the T positions, see _rows_of_columns)
+        parts = []
+        for g in grads:
+            g = g if g.ndim == 5 else g.unsqueeze(1)
+            parts.append(g.flatten(3).permute(2, 0, 1, 3).reshape(g.shape[2], -1))
+        return symmetric_gram(_rows_of_columns(parts)) * scale
     rows = []
     for g in grads:
         k = g.shape[0]
