@@ -215,7 +215,7 @@ class Component:
     @property
     def records_forward(self) -> bool:
         """Whether the optional :meth:`gradient_pass` would record anything now (then, after
-        ``loss.backward(); opt.step()``, the optimiser runs a gradient-free forward inside it on
+        ``loss.backward(); opt.step()``, the optimiser runs a forward of its own inside it on
         the observed batch). Read only when :attr:`gradient_pass_optional`."""
         return True
 

@@ -458,7 +458,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         (observed by forward pre-hooks; see :mod:`qlrlab._observe`) and the gradient is the
         caller's (clipped or unscaled as the caller left it); components whose own gradient
         pass is required (K-FAC) recompute it on that batch, and after ``loss.backward()`` the
-        GGN fast path records a gradient-free forward on it.
+        GGN fast path records a forward of the optimiser's own on it.
 
         The step is a transaction: a rejected or refused step leaves parameters and every
         component's state as they were (the damping schedule, which decides, keeps its update).
@@ -604,9 +604,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _recording_forward(self, inputs: Any) -> None:
         """After ``loss.backward(); opt.step()`` the caller's forward ran unwatched: components
         whose gradient pass only records activations (the GGN fast path) get a forward of their
-        own on the observed batch, without gradients and without touching the model's buffers
-        (under the caller's autocast, as the forward of ``step(batch)``). One forward, against a
-        forward and a forward-mode pass on the general path."""
+        own on the observed batch, without touching the model's buffers, under the caller's
+        autocast and with gradients enabled, as the forward of ``step(batch)`` (so the recorder
+        checks and reuses what it does there: that the first layer's input does not depend on
+        the parameters, max-pooling indices); its graph is dropped unused. One forward, against
+        a forward and a forward-mode pass on the general path."""
         comps = [
             c for c in self.components
             if _has_gradient_pass(c) and c.gradient_pass_optional and c.records_forward
@@ -614,7 +616,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if not comps or self._micro_batches != 1:
             return
         with (
-            torch.no_grad(),
+            torch.enable_grad(),
             side_effect_free(self._net, keep_autocast=True),
             contextlib.ExitStack() as stack,
         ):

@@ -122,6 +122,39 @@ def test_backward_then_step_records_without_touching_buffers_or_autograd() -> No
     torch.testing.assert_close(bn_got.running_var, bn_ref.running_var)
 
 
+def test_backward_then_step_keeps_the_recorders_checks() -> None:
+    """The recording forward after ``loss.backward()`` runs as ``step(batch)``'s does (gradients
+    enabled), so the recorder still sees that the first layer it records takes an input that
+    depends on the parameters (a layer's weight used functionally) and falls back, as
+    ``step(batch)`` does, instead of dropping that layer from the curvature."""
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(nn.functional.linear(x, self.a.weight, self.a.bias)))
+
+    def model() -> nn.Module:
+        torch.manual_seed(2)
+        return Functional().double()
+
+    loss_fn = nn.CrossEntropyLoss()
+    ref_model, got_model = model(), model()
+    ref = qlrlab.build_optimizer("adamqlr", ref_model, loss_fn)
+    opt = qlrlab.build_optimizer("adamqlr", got_model, loss_fn)
+    for x, y in _batches(3):
+        a = ref.step((x, y))
+        opt.zero_grad()
+        loss_fn(got_model(x), y).backward()
+        b = opt.step()
+        assert ref.curvature.last_path == opt.curvature.last_path == "jvp"
+        assert "depends on the parameters" in opt.curvature.last_fallback
+        for k in ("alpha", "rho", "curvature"):
+            assert getattr(b, k) == pytest.approx(getattr(a, k), rel=1e-8, abs=1e-12), k
+
+
 def test_records_forward_only_where_a_recording_is_used() -> None:
     """The recording forward after ``loss.backward()`` runs only for the fast path's oracle."""
     fast = qlrlab.build_optimizer("adamqlr", _model(), nn.CrossEntropyLoss())
