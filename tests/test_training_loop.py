@@ -91,6 +91,28 @@ def test_three_calling_conventions_give_one_result(spec: str, convention: str) -
         assert opt.curvature.last_path == "fast", opt.curvature.last_fallback
 
 
+def _batch_against_backward(model, steps: int) -> tuple[nn.Module, nn.Module, list[str]]:
+    """AdamQLR on two copies of ``model()``: ``step(batch)`` and ``loss.backward(); step()``
+    on the same batches, asserting equal step scalars (float64, 1e-8); returns both models and
+    the second one's GGN path per step (``"jvp: <why>"`` when it fell back)."""
+    loss_fn = nn.CrossEntropyLoss()
+    ref_model, got_model = model(), model()
+    ref = qlrlab.build_optimizer("adamqlr", ref_model, loss_fn)
+    opt = qlrlab.build_optimizer("adamqlr", got_model, loss_fn)
+    paths = []
+    for x, y in _batches(steps):
+        a = ref.step((x, y))
+        opt.zero_grad()
+        loss_fn(got_model(x), y).backward()
+        b = opt.step()
+        assert opt.curvature.last_path == ref.curvature.last_path
+        why = opt.curvature.last_fallback
+        paths.append(opt.curvature.last_path + (f": {why}" if why else ""))
+        for k in ("loss", "alpha", "rho", "curvature", "new_loss"):
+            assert getattr(b, k) == pytest.approx(getattr(a, k), rel=1e-8, abs=1e-12), k
+    return ref_model, got_model, paths
+
+
 def test_backward_then_step_records_without_touching_buffers_or_autograd() -> None:
     """``loss.backward(); opt.step()`` on a BatchNorm model in training mode: the optimiser's
     recording forward takes the fast path, leaves the running statistics as the caller's forward
@@ -102,18 +124,8 @@ def test_backward_then_step_records_without_touching_buffers_or_autograd() -> No
             nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)
         ).double()
 
-    loss_fn = nn.CrossEntropyLoss()
-    ref_model, got_model = model(), model()
-    ref = qlrlab.build_optimizer("adamqlr", ref_model, loss_fn)
-    opt = qlrlab.build_optimizer("adamqlr", got_model, loss_fn)
-    for x, y in _batches(4):
-        a = ref.step((x, y))
-        opt.zero_grad()
-        loss_fn(got_model(x), y).backward()
-        b = opt.step()
-        assert opt.curvature.last_path == "fast", opt.curvature.last_fallback
-        for k in ("loss", "alpha", "rho", "curvature", "new_loss"):
-            assert getattr(b, k) == pytest.approx(getattr(a, k), rel=1e-8, abs=1e-12), k
+    ref_model, got_model, paths = _batch_against_backward(model, 4)
+    assert paths == ["fast"] * 4
     for p, q in zip(ref_model.parameters(), got_model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-8, atol=1e-12)
     bn_ref, bn_got = ref_model[1], got_model[1]
@@ -140,19 +152,8 @@ def test_backward_then_step_keeps_the_recorders_checks() -> None:
         torch.manual_seed(2)
         return Functional().double()
 
-    loss_fn = nn.CrossEntropyLoss()
-    ref_model, got_model = model(), model()
-    ref = qlrlab.build_optimizer("adamqlr", ref_model, loss_fn)
-    opt = qlrlab.build_optimizer("adamqlr", got_model, loss_fn)
-    for x, y in _batches(3):
-        a = ref.step((x, y))
-        opt.zero_grad()
-        loss_fn(got_model(x), y).backward()
-        b = opt.step()
-        assert ref.curvature.last_path == opt.curvature.last_path == "jvp"
-        assert "depends on the parameters" in opt.curvature.last_fallback
-        for k in ("alpha", "rho", "curvature"):
-            assert getattr(b, k) == pytest.approx(getattr(a, k), rel=1e-8, abs=1e-12), k
+    _, _, paths = _batch_against_backward(model, 3)
+    assert paths == ["jvp: the first layer's input depends on the parameters"] * 3
 
 
 def test_records_forward_only_where_a_recording_is_used() -> None:
