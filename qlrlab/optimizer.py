@@ -219,8 +219,11 @@ class _Batch:
 
     inputs: Any
     targets: Any
-    convention: str  # "step(batch)", "opt.step(closure)" or "opt.step()"
+    convention: str  # "step(batch)", "opt.step(closure)" or "opt.step()" (for messages)
     caller_loss: Tensor | None = None  # f(θ) as the caller's loss module returned it
+    # the caller's forward ran before the step (loss.backward(); opt.step()), so no gradient
+    # pass context could watch it
+    forward_before_step: bool = False
 
     @property
     def own(self) -> bool:
@@ -552,7 +555,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         loss = seen.loss if seen.loss is not None else returned
         if not isinstance(loss, Tensor):
             raise ObservationError(f"{convention}: the loss module did not return a tensor")
-        return _Batch(seen.inputs, seen.targets, convention, loss.detach())
+        return _Batch(
+            seen.inputs, seen.targets, convention, loss.detach(), forward_before_step=closure is None
+        )
 
     def _warn_if_discarding(self) -> None:
         """``step(batch)`` computes its own gradient: say so when ``.grad`` holds the caller's."""
@@ -584,7 +589,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         else:
             assert b.caller_loss is not None
             loss, outputs = b.caller_loss, None
-            if b.convention == "opt.step()":
+            if b.forward_before_step:
                 self._recording_forward(b.inputs)
         if self.grad_all_reduce is not None:
             for p in self._params:  # same layout on every worker
@@ -620,10 +625,16 @@ class ComposedOptimizer(torch.optim.Optimizer):
             side_effect_free(self._net, keep_autocast=True),
             contextlib.ExitStack() as stack,
         ):
-            module = self._net
-            for comp in comps:
-                module = stack.enter_context(comp.gradient_pass(module))
-            call_model(module, inputs)
+            call_model(self._inside_passes(stack, comps), inputs)
+
+    def _inside_passes(self, stack: contextlib.ExitStack, comps: list[Component]) -> nn.Module:
+        """Enter ``comps``' :meth:`~qlrlab.interfaces.Component.gradient_pass` contexts on
+        ``stack``, each wrapping the module the one before yielded; returns the module the
+        forward pass must call."""
+        module = self._net
+        for comp in comps:
+            module = stack.enter_context(comp.gradient_pass(module))
+        return module
 
     def _clip(self, grads: list[Tensor]) -> Tensor | None:
         """Clip ``grads`` in place by value, then by global norm (``gradient.clip_value``,
@@ -656,9 +667,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if _has_gradient_pass(c) and (k == 1 or not c.gradient_pass_optional)
         ]  # fmt: skip
         with torch.enable_grad(), contextlib.ExitStack() as stack:
-            module = self._net
-            for comp in comps:
-                module = stack.enter_context(comp.gradient_pass(module))
+            module = self._inside_passes(stack, comps)
             if k == 1:
                 outputs = call_model(module, inputs)
                 loss = self.loss_fn(outputs, targets)
